@@ -1,0 +1,248 @@
+//! Fused gradient-sum kernels: `dst[i] += alpha * (src_0[i] + src_1[i] + ... + src_k[i])` in one
+//! pass over memory, with the widest SIMD the CPU offers, chosen at run time.
+//!
+//! Every kernel adds in the same order (sources left to right, then one multiply, then one add; no
+//! FMA), so all of them give bit-identical results: a model does not depend on which CPU summed it.
+//! `target-cpu=native` builds would fault on hosts without AVX-512, hence run-time dispatch.
+
+use std::sync::OnceLock;
+
+/// A gradient-sum implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Portable Rust, one element at a time.
+    Scalar,
+    /// 256-bit AVX2, 32 floats per iteration.
+    Avx2,
+    /// 512-bit AVX-512F, 64 floats per iteration.
+    Avx512,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU supports (detected once).
+    pub fn best() -> Kernel {
+        static BEST: OnceLock<Kernel> = OnceLock::new();
+        *BEST.get_or_init(|| *Self::available().last().expect("scalar is always available"))
+    }
+
+    /// Every kernel this CPU supports, slowest first.
+    pub fn available() -> Vec<Kernel> {
+        let mut v = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                v.push(Kernel::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(Kernel::Avx512);
+            }
+        }
+        v
+    }
+
+    /// A short lower-case name, as shown in logs and benchmarks.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+        }
+    }
+
+    /// `dst[i] += alpha * sum_j srcs[j][i]` for every `i`.
+    ///
+    /// # Panics
+    /// If a source's length differs from `dst`'s, or this CPU lacks the kernel's instructions
+    /// (only kernels from [`Kernel::available`] may be used).
+    pub fn sum_scaled_into(self, dst: &mut [f32], srcs: &[&[f32]], alpha: f32) {
+        for (j, s) in srcs.iter().enumerate() {
+            assert_eq!(s.len(), dst.len(), "source {j} has the wrong length");
+        }
+        if srcs.is_empty() {
+            return;
+        }
+        match self {
+            Kernel::Scalar => scalar(dst, srcs, alpha, 0),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                assert!(std::arch::is_x86_feature_detected!("avx2"), "no AVX2 here");
+                // SAFETY: the CPU supports AVX2 (checked above); lengths were checked above.
+                unsafe { x86::avx2(dst, srcs, alpha) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                assert!(
+                    std::arch::is_x86_feature_detected!("avx512f"),
+                    "no AVX-512 here"
+                );
+                // SAFETY: the CPU supports AVX-512F (checked above); lengths were checked above.
+                unsafe { x86::avx512(dst, srcs, alpha) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => panic!("{} is not available on this architecture", self.name()),
+        }
+    }
+}
+
+/// The reference: also the tail of the SIMD kernels, from element `from` on.
+fn scalar(dst: &mut [f32], srcs: &[&[f32]], alpha: f32, from: usize) {
+    for (i, d) in dst.iter_mut().enumerate().skip(from) {
+        let mut acc = srcs[0][i];
+        for s in &srcs[1..] {
+            acc += s[i];
+        }
+        *d += alpha * acc;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must support AVX2, and every source must be as long as `dst`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn avx2(dst: &mut [f32], srcs: &[&[f32]], alpha: f32) {
+        const W: usize = 8;
+        const STEP: usize = 4 * W;
+        let n = dst.len();
+        let a = _mm256_set1_ps(alpha);
+        let d = dst.as_mut_ptr();
+        let mut i = 0;
+        while i + STEP <= n {
+            // SAFETY: i + STEP <= n and every source has n elements, so all loads and stores
+            // below are in bounds; unaligned load/store intrinsics accept any address.
+            unsafe {
+                let p = srcs[0].as_ptr().add(i);
+                let mut x0 = _mm256_loadu_ps(p);
+                let mut x1 = _mm256_loadu_ps(p.add(W));
+                let mut x2 = _mm256_loadu_ps(p.add(2 * W));
+                let mut x3 = _mm256_loadu_ps(p.add(3 * W));
+                for s in &srcs[1..] {
+                    let p = s.as_ptr().add(i);
+                    x0 = _mm256_add_ps(x0, _mm256_loadu_ps(p));
+                    x1 = _mm256_add_ps(x1, _mm256_loadu_ps(p.add(W)));
+                    x2 = _mm256_add_ps(x2, _mm256_loadu_ps(p.add(2 * W)));
+                    x3 = _mm256_add_ps(x3, _mm256_loadu_ps(p.add(3 * W)));
+                }
+                let q = d.add(i);
+                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), _mm256_mul_ps(a, x0)));
+                let q = q.add(W);
+                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), _mm256_mul_ps(a, x1)));
+                let q = q.add(W);
+                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), _mm256_mul_ps(a, x2)));
+                let q = q.add(W);
+                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), _mm256_mul_ps(a, x3)));
+            }
+            i += STEP;
+        }
+        super::scalar(dst, srcs, alpha, i);
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512F, and every source must be as long as `dst`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512(dst: &mut [f32], srcs: &[&[f32]], alpha: f32) {
+        const W: usize = 16;
+        const STEP: usize = 4 * W;
+        let n = dst.len();
+        let a = _mm512_set1_ps(alpha);
+        let d = dst.as_mut_ptr();
+        let mut i = 0;
+        while i + STEP <= n {
+            // SAFETY: i + STEP <= n and every source has n elements, so all loads and stores
+            // below are in bounds; unaligned load/store intrinsics accept any address.
+            unsafe {
+                let p = srcs[0].as_ptr().add(i);
+                let mut x0 = _mm512_loadu_ps(p);
+                let mut x1 = _mm512_loadu_ps(p.add(W));
+                let mut x2 = _mm512_loadu_ps(p.add(2 * W));
+                let mut x3 = _mm512_loadu_ps(p.add(3 * W));
+                for s in &srcs[1..] {
+                    let p = s.as_ptr().add(i);
+                    x0 = _mm512_add_ps(x0, _mm512_loadu_ps(p));
+                    x1 = _mm512_add_ps(x1, _mm512_loadu_ps(p.add(W)));
+                    x2 = _mm512_add_ps(x2, _mm512_loadu_ps(p.add(2 * W)));
+                    x3 = _mm512_add_ps(x3, _mm512_loadu_ps(p.add(3 * W)));
+                }
+                let q = d.add(i);
+                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(q), _mm512_mul_ps(a, x0)));
+                let q = q.add(W);
+                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(q), _mm512_mul_ps(a, x1)));
+                let q = q.add(W);
+                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(q), _mm512_mul_ps(a, x2)));
+                let q = q.add(W);
+                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(q), _mm512_mul_ps(a, x3)));
+            }
+            i += STEP;
+        }
+        super::scalar(dst, srcs, alpha, i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Mixed magnitudes so that summation order would show in the low bits.
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((x % 7) as i32 - 3)
+            })
+            .collect()
+    }
+
+    fn check(n: usize, k: usize, alpha: f32) {
+        let srcs: Vec<Vec<f32>> = (0..k).map(|j| data(j as u64 + 1, n)).collect();
+        let views: Vec<&[f32]> = srcs.iter().map(Vec::as_slice).collect();
+        let init = data(99, n);
+        let mut want = init.clone();
+        Kernel::Scalar.sum_scaled_into(&mut want, &views, alpha);
+        for kernel in Kernel::available() {
+            let mut got = init.clone();
+            kernel.sum_scaled_into(&mut got, &views, alpha);
+            let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{} differs from scalar at n={n} k={k}", kernel.name());
+        }
+    }
+
+    #[test]
+    fn every_kernel_matches_scalar_bit_for_bit() {
+        for n in [0, 1, 2, 7, 15, 16, 17, 31, 33, 63, 64, 65, 127, 1000, 4099] {
+            for k in [1, 2, 3, 4, 8] {
+                check(n, k, -0.25);
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_matches_scalar_on_random_and_huge_lengths() {
+        let mut x = 7u64;
+        for _ in 0..40 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            check((x >> 33) as usize % 20_000, 1 + (x >> 20) as usize % 6, 0.5);
+        }
+        check((1 << 22) + 13, 4, -1.0 / 3.0);
+    }
+
+    #[test]
+    fn scalar_is_the_plain_sum() {
+        let mut d = vec![1.0f32, 2.0, 3.0];
+        Kernel::Scalar.sum_scaled_into(&mut d, &[&[1.0, 1.0, 1.0], &[0.0, 1.0, 2.0]], 2.0);
+        assert_eq!(d, vec![3.0, 6.0, 9.0]);
+        // No sources: nothing changes.
+        Kernel::best().sum_scaled_into(&mut d, &[], 2.0);
+        assert_eq!(d, vec![3.0, 6.0, 9.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "wrong length")]
+    fn mismatched_lengths_panic() {
+        Kernel::best().sum_scaled_into(&mut [0.0; 4], &[&[0.0; 3]], 1.0);
+    }
+}

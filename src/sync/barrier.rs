@@ -1,0 +1,198 @@
+//! The round barrier: `naive` (wait for every worker, forever) and the Het-Sync `timeout` barrier
+//! (close when every worker pushed, or a fixed time after the round's first push, with whatever
+//! arrived).
+//!
+//! A pure state machine in the style of quinn-proto: it is fed events with the current time and
+//! answers with [`Action`]s pulled from [`Barrier::poll_action`]; its only timer is exposed by
+//! [`Barrier::poll_timeout`] and fired by [`Barrier::handle_timeout`]. It reads no clock and touches
+//! no socket, so every schedule can be replayed in a test.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::{Action, CloseCause, SyncError};
+use crate::Rank;
+
+/// When a round may close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarrierMode {
+    /// Only when every worker in the job has pushed: one straggler stalls everyone.
+    Naive,
+    /// When every worker has pushed, or this long after the round's first push.
+    Timeout(Duration),
+}
+
+/// The barrier's state for one key.
+#[derive(Debug)]
+pub struct Barrier {
+    mode: BarrierMode,
+    /// Joined and not left.
+    member: Vec<bool>,
+    /// Every worker has joined at least once: the model has been handed out and rounds run.
+    started: bool,
+    /// Rounds closed so far; pushes for this round are current.
+    round: u64,
+    /// Pushed for the current round.
+    arrived: Vec<bool>,
+    n_arrived: usize,
+    /// When the current round closes unless everyone arrives first.
+    deadline: Option<Instant>,
+    actions: VecDeque<Action>,
+}
+
+impl Barrier {
+    /// A barrier for `workers` workers, none joined yet.
+    pub fn new(mode: BarrierMode, workers: usize) -> Self {
+        Self {
+            mode,
+            member: vec![false; workers],
+            started: false,
+            round: 0,
+            arrived: vec![false; workers],
+            n_arrived: 0,
+            deadline: None,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Rounds closed so far: the version of the current model.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// Whether every worker has joined and rounds are running.
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Workers currently in the job.
+    pub fn members(&self) -> usize {
+        self.member.iter().filter(|&&m| m).count()
+    }
+
+    /// Worker `rank` joined. Until every worker has joined once, nobody gets the model; after
+    /// that, a (re)joining worker gets the current model at once.
+    pub fn on_join(&mut self, rank: Rank, _now: Instant) {
+        let r = rank as usize;
+        self.member[r] = true;
+        if self.started {
+            self.actions.push_back(Action::Serve { rank });
+        } else if self.member.iter().all(|&m| m) {
+            self.started = true;
+            for w in 0..self.member.len() {
+                self.actions.push_back(Action::Serve { rank: w as Rank });
+            }
+        }
+    }
+
+    /// Worker `rank` left. A gradient it pushed for the current round leaves with it; the round
+    /// may now be complete without it.
+    pub fn on_leave(&mut self, rank: Rank, now: Instant) {
+        let r = rank as usize;
+        self.member[r] = false;
+        if self.arrived[r] {
+            self.arrived[r] = false;
+            self.n_arrived -= 1;
+            if self.n_arrived == 0 {
+                self.deadline = None;
+            }
+        }
+        self.maybe_close(now);
+    }
+
+    /// Worker `rank` pushed a gradient computed on the model of round `clock`.
+    ///
+    /// A push for an earlier round is late: it is discarded and the worker gets the current model
+    /// at once, so it rejoins the current round. A push the worker could not have made (before it
+    /// was given a model, for a future round, twice in a round) is an error: drop the worker.
+    pub fn on_push(&mut self, rank: Rank, clock: u64, now: Instant) -> Result<(), SyncError> {
+        let r = rank as usize;
+        if !self.member[r] {
+            return Err(SyncError::NotMember { rank });
+        }
+        if !self.started {
+            return Err(SyncError::NotStarted { rank });
+        }
+        if clock > self.round {
+            return Err(SyncError::FromTheFuture {
+                rank,
+                clock,
+                round: self.round,
+            });
+        }
+        if clock < self.round {
+            self.actions.push_back(Action::DiscardLate {
+                rank,
+                clock,
+                round: self.round,
+            });
+            self.actions.push_back(Action::Serve { rank });
+            return Ok(());
+        }
+        if self.arrived[r] {
+            return Err(SyncError::Duplicate {
+                rank,
+                round: self.round,
+            });
+        }
+        self.arrived[r] = true;
+        self.n_arrived += 1;
+        if let (BarrierMode::Timeout(t), None) = (self.mode, self.deadline) {
+            self.deadline = Some(now + t);
+        }
+        self.maybe_close(now);
+        Ok(())
+    }
+
+    /// The next time [`handle_timeout`](Self::handle_timeout) must be called, if any.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Fires the round timer if `now` has reached it.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.maybe_close(now);
+    }
+
+    /// The next thing the server must do. Call after every event until it returns `None`.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn maybe_close(&mut self, now: Instant) {
+        if self.n_arrived == 0 {
+            return;
+        }
+        let everyone = self
+            .member
+            .iter()
+            .zip(&self.arrived)
+            .all(|(&m, &a)| !m || a);
+        let cause = if everyone {
+            CloseCause::AllArrived
+        } else if self.deadline.is_some_and(|d| now >= d) {
+            CloseCause::Timeout
+        } else {
+            return;
+        };
+        let participants: Vec<Rank> = (0..self.arrived.len())
+            .filter(|&w| self.arrived[w])
+            .map(|w| w as Rank)
+            .collect();
+        let missing = self.members() - participants.len();
+        self.actions.push_back(Action::CloseRound {
+            round: self.round,
+            participants: participants.clone(),
+            missing,
+            cause,
+        });
+        self.round += 1;
+        self.arrived.iter_mut().for_each(|a| *a = false);
+        self.n_arrived = 0;
+        self.deadline = None;
+        for rank in participants {
+            self.actions.push_back(Action::Serve { rank });
+        }
+    }
+}
