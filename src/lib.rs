@@ -12,6 +12,7 @@
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod cli;
 pub mod engine;
 pub mod experiment;
 pub mod server;

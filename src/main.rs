@@ -1,1 +1,5 @@
-fn main(){}
+//! The `hetsync` binary: see `hetsync --help`.
+
+fn main() -> std::process::ExitCode {
+    hetsync::cli::main()
+}

@@ -21,7 +21,7 @@ pub struct WorkerConfig {
     pub server: String,
     /// This worker's rank.
     pub rank: Rank,
-    /// Workers in the job.
+    /// Workers in the job, when known (0: let the server check the rank).
     pub workers: u32,
     /// Elements (f32) of the model.
     pub dim: usize,
@@ -64,7 +64,7 @@ pub fn target(rank: Rank, dim: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// The mean of the first `workers` targets: where the model converges when everyone takes part.
+/// The mean of the targets of ranks `0..workers`: where the model converges when everyone takes part.
 pub fn mean_target(workers: u32, dim: usize, seed: u64) -> Vec<f32> {
     let mut sum = vec![0f64; dim];
     for r in 0..workers {
@@ -109,8 +109,8 @@ pub fn run<L: WorkerLink>(
             std::thread::sleep(compute);
         }
         // The gradient of 0.5 * |model - target|^2, written straight into the link's buffer.
-        let model = link.model(0).to_vec();
-        for ((g, m), t) in link.gradient_mut(0).iter_mut().zip(&model).zip(&target) {
+        let (model, grad) = link.model_and_gradient(0);
+        for ((g, m), t) in grad.iter_mut().zip(model).zip(&target) {
             *g = m - t;
         }
         link.push(0, report.last_round)?;

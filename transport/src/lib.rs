@@ -160,7 +160,9 @@ pub trait Transport {
     /// The region holding the models and every worker's gradient slots.
     fn region(&self) -> &SlotRegion;
 
-    /// The region, mutable: the engine sums slots into the model here.
+    /// The region, mutable: the engine sums slots into the model here. Before returning, the
+    /// transport makes sure no send still in flight reads a model that may now change (TCP copies
+    /// the unsent rest of queued models; RDMA waits for the writes' completions).
     fn region_mut(&mut self) -> &mut SlotRegion;
 
     /// Waits up to `timeout` (forever when `None`) for something to happen and appends what did
@@ -227,8 +229,9 @@ pub enum LinkError {
 /// What a worker needs from a transport: buffers the transport owns (registered memory on RDMA),
 /// a push of the gradient buffer, and a wait for the model.
 pub trait WorkerLink {
-    /// The gradient buffer of `key`: fill it, then [`push`](WorkerLink::push).
-    fn gradient_mut(&mut self, key: u32) -> &mut [f32];
+    /// The latest model of `key` and its gradient buffer, together, so a gradient can be computed
+    /// from the model without a copy: fill the buffer, then [`push`](WorkerLink::push).
+    fn model_and_gradient(&mut self, key: u32) -> (&[f32], &mut [f32]);
 
     /// The latest model of `key` received.
     fn model(&self, key: u32) -> &[f32];

@@ -257,7 +257,8 @@ fn check_len(h: &Header, max: u64) -> Result<(), ProtocolError> {
 pub struct Hello {
     /// The worker's rank, `0..workers`.
     pub rank: u32,
-    /// How many workers the worker believes the job has.
+    /// How many workers the worker believes the job has; 0 when it does not know (the server
+    /// then checks the rank against its own job size).
     pub workers: u32,
     /// Elements (f32) of each key's tensor.
     pub dims: Vec<u64>,
@@ -277,7 +278,7 @@ impl Hello {
     }
 
     /// Decodes a hello payload; rejects truncation, trailing bytes, no keys, too many keys,
-    /// zero-sized tensors and a rank outside the declared job.
+    /// zero-sized tensors and a rank outside the declared job (when one is declared).
     pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
         let truncated = |need| ProtocolError::Truncated {
             what: "hello payload",
@@ -310,7 +311,7 @@ impl Hello {
         if let Some(k) = dims.iter().position(|&d| d == 0) {
             return Err(ProtocolError::BadHello(format!("key {k} has size 0")));
         }
-        if workers == 0 || rank >= workers {
+        if workers != 0 && rank >= workers {
             return Err(ProtocolError::BadHello(format!(
                 "rank {rank} is not in 0..{workers}"
             )));
@@ -480,6 +481,16 @@ mod tests {
     }
 
     #[test]
+    fn hello_may_leave_the_job_size_to_the_server() {
+        let h = Hello {
+            rank: 9,
+            workers: 0,
+            dims: vec![1],
+        };
+        assert_eq!(Hello::decode(&h.encode()), Ok(h));
+    }
+
+    #[test]
     fn hello_rejects_impossible_jobs() {
         let bad = [
             Hello {
@@ -488,8 +499,8 @@ mod tests {
                 dims: vec![1],
             },
             Hello {
-                rank: 0,
-                workers: 0,
+                rank: 1,
+                workers: 1,
                 dims: vec![1],
             },
             Hello {

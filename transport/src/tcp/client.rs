@@ -129,8 +129,8 @@ impl TcpClient {
 }
 
 impl WorkerLink for TcpClient {
-    fn gradient_mut(&mut self, key: u32) -> &mut [f32] {
-        &mut self.grads[key as usize]
+    fn model_and_gradient(&mut self, key: u32) -> (&[f32], &mut [f32]) {
+        (&self.models[key as usize], &mut self.grads[key as usize])
     }
 
     fn model(&self, key: u32) -> &[f32] {

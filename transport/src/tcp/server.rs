@@ -2,11 +2,13 @@
 //! sockets, and a timerfd for sub-millisecond policy deadlines.
 //!
 //! Every connection is a small state machine (header, then payload). A push payload is read
-//! straight into that worker's slot of the [`SlotRegion`]; a model goes out with one `writev` of
-//! the header and the region's model bytes, and only what the kernel did not take is copied into
-//! the connection's queue. A slow peer therefore costs memory for one model at most, never time
-//! for the others; a broken or malformed peer is dropped alone.
+//! straight into that worker's slot of the [`SlotRegion`]; a model goes out by `writev` of the
+//! header and the region's own model bytes. What the kernel does not take at once stays queued as
+//! a reference into the region, and is copied only if the model is about to change under it
+//! ([`Transport::region_mut`]). A slow peer therefore costs at most one model of memory, never
+//! time for the others; a broken or malformed peer is dropped alone.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -53,9 +55,8 @@ struct Conn {
     frame: Option<Header>,
     /// Payload of a control frame (hello, error).
     ctrl: Vec<u8>,
-    /// Bytes the kernel has not taken yet, from `out_pos` on.
-    out: Vec<u8>,
-    out_pos: usize,
+    /// What the kernel has not taken yet, in order.
+    out: VecDeque<Segment>,
     /// EPOLLOUT is in the interest set.
     want_write: bool,
     /// A push was accepted and its reply not sent: the slot is the server's, another push is a
@@ -88,56 +89,90 @@ impl Conn {
         }
     }
 
-    /// Writes what is queued; returns whether the queue is now empty.
-    fn flush(&mut self) -> Result<bool, PeerError> {
-        while self.out_pos < self.out.len() {
-            match self.stream.write(&self.out[self.out_pos..]) {
+    /// Writes what is queued, several segments per `writev`; returns whether all went out.
+    fn flush(&mut self, region: &SlotRegion) -> Result<bool, PeerError> {
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 4];
+            let mut n = 0;
+            for seg in self.out.iter().take(slices.len()) {
+                slices[n] = IoSlice::new(seg.remaining(region));
+                n += 1;
+            }
+            match self.stream.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(self.io_err("write", io::ErrorKind::WriteZero.into())),
-                Ok(n) => self.out_pos += n,
+                Ok(mut written) => {
+                    while written > 0 {
+                        let seg = self.out.front_mut().expect("wrote from it");
+                        let left = seg.remaining(region).len();
+                        if written < left {
+                            seg.advance(written);
+                            break;
+                        }
+                        written -= left;
+                        self.out.pop_front();
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.io_err("write", e)),
             }
         }
-        self.out.clear();
-        self.out_pos = 0;
         Ok(true)
     }
 
-    /// Sends `hdr` and `body`, writing directly when nothing is queued and copying only the part
-    /// the kernel did not take.
-    fn send(&mut self, hdr: &[u8; HEADER_LEN], body: &[u8]) -> Result<(), PeerError> {
-        if self.out_pos < self.out.len() {
-            self.out.extend_from_slice(hdr);
-            self.out.extend_from_slice(body);
-            return Ok(());
-        }
-        self.out.clear();
-        self.out_pos = 0;
-        let total = HEADER_LEN + body.len();
-        let mut done = 0;
-        while done < total {
-            let res = if done < HEADER_LEN {
-                self.stream
-                    .write_vectored(&[IoSlice::new(&hdr[done..]), IoSlice::new(body)])
-            } else {
-                self.stream.write(&body[done - HEADER_LEN..])
-            };
-            match res {
-                Ok(0) => return Err(self.io_err("write", io::ErrorKind::WriteZero.into())),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.io_err("write", e)),
+    /// Queues `segs` and writes as much as the kernel takes now.
+    fn send(&mut self, region: &SlotRegion, segs: [Segment; 2]) -> Result<(), PeerError> {
+        self.out.extend(segs.into_iter().filter(|s| !s.remaining(region).is_empty()));
+        self.flush(region).map(drop)
+    }
+
+    /// Copies the unsent part of every queued model into the queue itself: called before the
+    /// model changes, so a slow peer still gets the version it was sent, whole.
+    fn detach_models(&mut self, region: &SlotRegion) {
+        for seg in self.out.iter_mut() {
+            if let Segment::Model { .. } = seg {
+                let bytes = seg.remaining(region).to_vec();
+                *seg = Segment::Bytes { buf: bytes, pos: 0 };
             }
         }
-        if done < HEADER_LEN {
-            self.out.extend_from_slice(&hdr[done..]);
-            self.out.extend_from_slice(body);
-        } else if done < total {
-            self.out.extend_from_slice(&body[done - HEADER_LEN..]);
+    }
+}
+
+/// A piece of a connection's output queue.
+#[derive(Debug)]
+enum Segment {
+    /// Owned bytes (headers, control frames, detached models), sent from `pos` on.
+    Bytes { buf: Vec<u8>, pos: usize },
+    /// A model still in the region, sent from `pos` on: no copy while the model is unchanged.
+    Model { key: u32, pos: usize },
+}
+
+impl Segment {
+    fn header(h: &Header) -> Self {
+        Segment::Bytes {
+            buf: h.encode().to_vec(),
+            pos: 0,
         }
-        Ok(())
+    }
+
+    fn remaining<'a>(&'a self, region: &'a SlotRegion) -> &'a [u8] {
+        match self {
+            Segment::Bytes { buf, pos } => &buf[*pos..],
+            Segment::Model { key, pos } => &region.model_bytes(*key as usize)[*pos..],
+        }
+    }
+
+    fn empty() -> Self {
+        Segment::Bytes {
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Segment::Bytes { pos, .. } | Segment::Model { pos, .. } => *pos += n,
+        }
     }
 }
 
@@ -304,8 +339,7 @@ impl TcpServer {
                 hdr: [0; HEADER_LEN],
                 frame: None,
                 ctrl: Vec::new(),
-                out: Vec::new(),
-                out_pos: 0,
+                out: VecDeque::new(),
                 want_write: false,
                 slot_busy: false,
             });
@@ -428,8 +462,8 @@ impl TcpServer {
                 conn.rank = Some(hello.rank);
                 conn.ctrl = Vec::new();
                 self.by_rank[hello.rank as usize] = Some(idx);
-                let welcome = Header::new(FrameKind::Welcome, 0, 0, 0).encode();
-                if let Err(e) = conn.send(&welcome, &[]) {
+                let welcome = Segment::header(&Header::new(FrameKind::Welcome, 0, 0, 0));
+                if let Err(e) = conn.send(&self.region, [welcome, Segment::empty()]) {
                     return self.fail(idx, e);
                 }
                 self.update_interest(idx);
@@ -457,7 +491,15 @@ impl TcpServer {
 
     /// Whether a hello describes this job and its rank is free.
     fn admit(&self, hello: &Hello) -> Result<(), String> {
-        if hello.workers as usize != self.workers {
+        if hello.rank as usize >= self.workers {
+            return Err(format!(
+                "rank {} is out of range: the job has {} workers (ranks 0..{})",
+                hello.rank,
+                self.workers,
+                self.workers - 1
+            ));
+        }
+        if hello.workers != 0 && hello.workers as usize != self.workers {
             return Err(format!(
                 "job size mismatch: the worker expects {} workers, the server has {} (pass the same --workers to both)",
                 hello.workers, self.workers
@@ -481,8 +523,10 @@ impl TcpServer {
     }
 
     fn update_interest(&mut self, idx: usize) {
-        let conn = self.conns[idx].as_mut().expect("live connection");
-        let want = conn.out_pos < conn.out.len();
+        let Some(conn) = self.conns[idx].as_mut() else {
+            return;
+        };
+        let want = !conn.out.is_empty();
         if want != conn.want_write {
             let mut ev = EpollEvent::new(Conn::flags(want), conn.token);
             if let Err(e) = self.epoll.modify(&conn.stream, &mut ev) {
@@ -495,7 +539,7 @@ impl TcpServer {
 
     fn on_writable(&mut self, idx: usize) {
         let conn = self.conns[idx].as_mut().expect("live connection");
-        match conn.flush() {
+        match conn.flush(&self.region) {
             Ok(_) => self.update_interest(idx),
             Err(e) => self.fail(idx, e),
         }
@@ -505,7 +549,7 @@ impl TcpServer {
     fn send_error_and_close(&mut self, idx: usize, why: &str, reason: Option<LeaveReason>) {
         if let Some(conn) = self.conns[idx].as_mut() {
             let frame = protocol::control_frame(FrameKind::Error, 0, 0, why.as_bytes());
-            if conn.out_pos == conn.out.len() {
+            if conn.out.is_empty() {
                 let _ = conn.stream.write(&frame);
             }
             let _ = conn.stream.shutdown(Shutdown::Write);
@@ -560,6 +604,10 @@ impl Transport for TcpServer {
     }
 
     fn region_mut(&mut self) -> &mut SlotRegion {
+        // The caller may change a model: models still queued for slow peers are copied first.
+        for conn in self.conns.iter_mut().flatten() {
+            conn.detach_models(&self.region);
+        }
         &mut self.region
     }
 
@@ -619,9 +667,9 @@ impl Transport for TcpServer {
         };
         let conn = self.conns[idx].as_mut().expect("live connection");
         conn.slot_busy = false;
-        let body = self.region.model_bytes(key as usize);
-        let hdr = Header::new(FrameKind::Model, key, round, body.len() as u64).encode();
-        match conn.send(&hdr, body) {
+        let len = self.region.model_bytes(key as usize).len() as u64;
+        let hdr = Segment::header(&Header::new(FrameKind::Model, key, round, len));
+        match conn.send(&self.region, [hdr, Segment::Model { key, pos: 0 }]) {
             Ok(()) => self.update_interest(idx),
             Err(e) => self.fail(idx, e),
         }
@@ -634,37 +682,52 @@ impl Transport for TcpServer {
     }
 
     fn shutdown(&mut self, grace: Duration) {
-        let bye = Header::new(FrameKind::Bye, 0, 0, 0).encode();
+        // Lingering close: say goodbye, then keep reading (and discarding) until each worker has
+        // closed its end, so a worker in the middle of a push sees our goodbye, not EPIPE.
+        let bye = Header::new(FrameKind::Bye, 0, 0, 0);
         for idx in 0..self.conns.len() {
             if let Some(conn) = self.conns[idx].as_mut() {
-                if conn.rank.is_some() && conn.send(&bye, &[]).is_err() {
+                let segs = [Segment::header(&bye), Segment::empty()];
+                if conn.rank.is_none() || conn.send(&self.region, segs).is_err() {
                     self.close(idx, None);
                 }
             }
         }
         let deadline = Instant::now() + grace;
+        let mut scratch = vec![0u8; 256 * 1024];
         loop {
-            let mut queued = false;
             for idx in 0..self.conns.len() {
-                if let Some(conn) = self.conns[idx].as_mut() {
-                    match conn.flush() {
-                        Ok(true) => {}
-                        Ok(false) => queued = true,
-                        Err(_) => self.close(idx, None),
+                let Some(conn) = self.conns[idx].as_mut() else {
+                    continue;
+                };
+                let mut gone = conn.flush(&self.region).is_err();
+                while !gone {
+                    match conn.stream.read(&mut scratch) {
+                        Ok(0) => gone = true,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => gone = true,
                     }
+                }
+                if gone {
+                    self.close(idx, None);
                 }
             }
             let now = Instant::now();
-            if !queued || now >= deadline {
+            if self.conns.iter().all(Option::is_none) || now >= deadline {
                 break;
             }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(2)));
+            // Level-triggered: any peer with data or a pending write wakes us up.
+            for idx in 0..self.conns.len() {
+                self.update_interest(idx);
+            }
+            let wait = EpollTimeout::try_from((deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or(EpollTimeout::ZERO);
+            let _ = self.epoll.wait(&mut self.ready, wait);
         }
         for idx in 0..self.conns.len() {
-            if let Some(conn) = self.conns[idx].as_ref() {
-                let _ = conn.stream.shutdown(Shutdown::Write);
-                self.close(idx, Some(LeaveReason::Bye));
-            }
+            self.close(idx, None);
         }
         self.pending.clear();
     }

@@ -1,0 +1,278 @@
+//! The `hetsync` command line: server, worker, bench and demo.
+
+mod bench;
+mod plot;
+mod run;
+mod signals;
+
+use std::error::Error;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::sync::BarrierMode;
+
+/// A failure to report to the user, with its chain of causes.
+pub type CliError = Box<dyn Error + Send + Sync>;
+
+/// Het-Sync: a straggler-tolerant parameter server for distributed training.
+///
+/// Workers push gradients; the server sums them with SIMD, applies the update and returns the
+/// model. With the `timeout` policy a round closes when every worker has pushed or a timeout
+/// after the round's first push expires, so stragglers do not stall training.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hetsync",
+    version,
+    propagate_version = true,
+    after_help = "Examples:
+  hetsync demo                                   # the straggler experiment on loopback
+  hetsync server --listen 0.0.0.0:7700 --workers 4 --dim 1048576
+  hetsync worker --server node1:7700 --rank 0 --dim 1048576
+  hetsync bench stragglers --seconds 3 --json out.json --plot out.png"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the parameter server.
+    Server(ServerArgs),
+    /// Run a simulated worker with a checkable objective.
+    Worker(WorkerArgs),
+    /// Run benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Run the straggler experiment with good defaults: no arguments needed.
+    Demo(DemoArgs),
+}
+
+/// Which synchronisation policy the server uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Policy {
+    /// Wait for every worker, forever: one straggler stalls the job (for comparison).
+    Naive,
+    /// Close a round when every worker pushed, or --timeout-ms after its first push.
+    Timeout,
+}
+
+impl Policy {
+    fn mode(self, timeout_ms: f64) -> BarrierMode {
+        match self {
+            Policy::Naive => BarrierMode::Naive,
+            Policy::Timeout => BarrierMode::Timeout(Duration::from_secs_f64(timeout_ms / 1e3)),
+        }
+    }
+}
+
+/// Run the parameter server.
+///
+/// Listens for workers, starts training once all --workers have joined, and closes rounds
+/// according to --policy. Prints a progress line every second. Stops after --rounds (exit 0),
+/// or on SIGINT/SIGTERM, saying goodbye to every worker.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  hetsync server --workers 4 --dim 1048576
+  hetsync server --listen 127.0.0.1:0 --workers 2 --dim 1000 --policy naive --rounds 100
+  hetsync server --workers 8 --dim 4096 --timeout-ms 5 --round-log rounds.jsonl --save-model model.f32")]
+struct ServerArgs {
+    /// Address to listen on (port 0: any free port; the chosen one is printed).
+    #[arg(long, default_value = "0.0.0.0:7700", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Number of workers in the job (ranks 0..N-1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    workers: u32,
+    /// Elements (f32) of the model.
+    #[arg(long, value_name = "D", value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
+    dim: u64,
+    /// When a round closes.
+    #[arg(long, value_enum, default_value_t = Policy::Timeout)]
+    policy: Policy,
+    /// With --policy timeout: how long after a round's first push it closes anyway.
+    #[arg(long, default_value_t = 10.0, value_name = "MS", value_parser = positive_ms)]
+    timeout_ms: f64,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 0.1, value_name = "X")]
+    lr: f32,
+    /// Stop after R rounds and exit 0.
+    #[arg(long, value_name = "R")]
+    rounds: Option<u64>,
+    /// Seconds between progress lines (0: none).
+    #[arg(long, default_value_t = 1.0, value_name = "S")]
+    progress: f64,
+    /// Do not log joins, departures and refusals.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Write one JSON line per closed round (participants, cause, time) to FILE.
+    #[arg(long, value_name = "FILE")]
+    round_log: Option<PathBuf>,
+    /// Write the final model to FILE as raw little-endian f32 (numpy.fromfile(FILE, "<f4")).
+    #[arg(long, value_name = "FILE")]
+    save_model: Option<PathBuf>,
+}
+
+/// Run a simulated worker.
+///
+/// Worker R's gradient is `model - target_R` for a fixed target drawn from --seed, so the model
+/// converges to the mean target and results can be checked. Each step "computes" for
+/// --compute-ms (or --straggle-ms for a straggler), pushes, and waits for the model.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  hetsync worker --server 127.0.0.1:7700 --rank 0 --dim 1048576
+  hetsync worker --server node1:7700 --rank 3 --dim 1048576 --straggle-ms 200 --rounds 100")]
+struct WorkerArgs {
+    /// The server's HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    server: String,
+    /// This worker's rank, 0..N-1.
+    #[arg(long, value_name = "R")]
+    rank: u32,
+    /// Elements (f32) of the model; must match the server's --dim.
+    #[arg(long, value_name = "D", value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
+    dim: u64,
+    /// Number of workers in the job, checked against the server's when given.
+    #[arg(long, value_name = "N")]
+    workers: Option<u32>,
+    /// Stop after K pushes (default: until the server finishes).
+    #[arg(long, value_name = "K")]
+    rounds: Option<u64>,
+    /// Simulated compute time per step.
+    #[arg(long, default_value_t = 20.0, value_name = "MS", value_parser = non_negative_ms)]
+    compute_ms: f64,
+    /// Make this worker a straggler that computes this long per step instead.
+    #[arg(long, value_name = "MS", value_parser = non_negative_ms)]
+    straggle_ms: Option<f64>,
+    /// Seed of the target vectors (the same for every worker of a job).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Keep retrying the connection this long while the server is not up yet.
+    #[arg(long, default_value_t = 60.0, value_name = "S")]
+    connect_timeout: f64,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Updates/s of each policy as the share of stragglers grows (the Het-Sync experiment).
+    Stragglers(StragglerArgs),
+}
+
+/// Run a server and N workers on loopback for each (straggler fraction, policy) and report
+/// updates/s in a table, as JSON and as a PNG graph.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  hetsync bench stragglers
+  hetsync bench stragglers --workers 8 --fractions 0,50 --seconds 5 --json out.json --plot out.png")]
+pub(crate) struct StragglerArgs {
+    /// Workers per trial.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    workers: u32,
+    /// Percentages of workers that straggle, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,25,50,75", value_parser = clap::value_parser!(u32).range(0..=100))]
+    fractions: Vec<u32>,
+    /// Policies to compare, comma separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "naive,timeout")]
+    policies: Vec<Policy>,
+    /// A normal worker's compute time per step.
+    #[arg(long, default_value_t = 20.0, value_name = "MS", value_parser = non_negative_ms)]
+    compute_ms: f64,
+    /// A straggler's compute time per step.
+    #[arg(long, default_value_t = 200.0, value_name = "MS", value_parser = non_negative_ms)]
+    straggle_ms: f64,
+    /// The timeout policy's timeout.
+    #[arg(long, default_value_t = 1.0, value_name = "MS", value_parser = positive_ms)]
+    timeout_ms: f64,
+    /// Training time per trial.
+    #[arg(long, default_value_t = 3.0, value_name = "SEC")]
+    seconds: f64,
+    /// Elements (f32) of the model.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 28)))]
+    dim: u64,
+    /// Write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw the results as a PNG graph to FILE.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
+}
+
+/// Run the straggler experiment with the paper's settings and write its results.
+///
+/// Four workers, 0-75% of them stragglers 10x slower, naive against timeout, 3 s per
+/// configuration (about 30 s in all). Writes DIR/stragglers.json and DIR/stragglers.png.
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Where to write the JSON results and the graph.
+    #[arg(long, default_value = "hetsync-demo", value_name = "DIR")]
+    out: PathBuf,
+    /// Training time per configuration.
+    #[arg(long, default_value_t = 3.0, value_name = "SEC")]
+    seconds: f64,
+}
+
+fn parse_ms(s: &str, allow_zero: bool) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of milliseconds"))?;
+    if !v.is_finite() || v < 0.0 || (!allow_zero && v == 0.0) || v > 86_400_000.0 {
+        return Err(format!(
+            "{s} ms is out of range (must be {} and at most a day)",
+            if allow_zero { ">= 0" } else { "> 0" }
+        ));
+    }
+    Ok(v)
+}
+
+fn positive_ms(s: &str) -> Result<f64, String> {
+    parse_ms(s, false)
+}
+
+fn non_negative_ms(s: &str) -> Result<f64, String> {
+    parse_ms(s, true)
+}
+
+/// Parses the command line and runs the command; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Server(a) => run::server(a),
+        Command::Worker(a) => run::worker(a),
+        Command::Bench(BenchCommand::Stragglers(a)) => bench::stragglers(&a),
+        Command::Demo(a) => bench::demo(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hetsync: error: {e}");
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                eprintln!("  caused by: {c}");
+                cause = c.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn timeouts_must_be_positive() {
+        assert!(Cli::try_parse_from(["hetsync", "server", "--workers", "2", "--dim", "4", "--timeout-ms", "0"]).is_err());
+        assert!(Cli::try_parse_from(["hetsync", "server", "--workers", "2", "--dim", "4", "--timeout-ms", "0.5"]).is_ok());
+        assert!(Cli::try_parse_from(["hetsync", "worker", "--server", "x:1", "--rank", "0", "--dim", "4", "--compute-ms", "-1"]).is_err());
+    }
+}
