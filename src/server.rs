@@ -162,7 +162,9 @@ impl<T: Transport> Server<T> {
     /// A server over an already bound transport.
     pub fn new(transport: T, cfg: ServerConfig) -> Result<Self, ServerError> {
         if cfg.workers == 0 || cfg.dim == 0 {
-            return Err(ServerError::Config("--workers and --dim must be at least 1".into()));
+            return Err(ServerError::Config(
+                "--workers and --dim must be at least 1".into(),
+            ));
         }
         if !cfg.lr.is_finite() || cfg.lr <= 0.0 {
             return Err(ServerError::Config(format!(
@@ -304,12 +306,8 @@ impl<T: Transport> Server<T> {
                     missing,
                     cause,
                 } => {
-                    self.sgd.apply(
-                        self.kernel,
-                        self.transport.region_mut(),
-                        KEY,
-                        &participants,
-                    );
+                    self.sgd
+                        .apply(self.kernel, self.transport.region_mut(), KEY, &participants);
                     self.stats.rounds += 1;
                     self.stats.participants += participants.len() as u64;
                     self.stats.stragglers += missing as u64;

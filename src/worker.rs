@@ -72,7 +72,9 @@ pub fn mean_target(workers: u32, dim: usize, seed: u64) -> Vec<f32> {
             *s += f64::from(t);
         }
     }
-    sum.iter().map(|s| (s / f64::from(workers)) as f32).collect()
+    sum.iter()
+        .map(|s| (s / f64::from(workers)) as f32)
+        .collect()
 }
 
 /// Connects over TCP and runs the worker until its round limit, the server's goodbye, or `stop`.

@@ -29,7 +29,8 @@ struct Results<'a> {
 
 pub(super) fn demo(a: &DemoArgs) -> Result<(), CliError> {
     // The demo is `bench stragglers` with its defaults: parse an empty command line for them.
-    let matches = StragglerArgs::augment_args(clap::Command::new("demo")).try_get_matches_from(["demo"])?;
+    let matches =
+        StragglerArgs::augment_args(clap::Command::new("demo")).try_get_matches_from(["demo"])?;
     let mut args = StragglerArgs::from_arg_matches(&matches)?;
     args.seconds = a.seconds;
     fs::create_dir_all(&a.out)
@@ -201,7 +202,10 @@ fn print_ratios(a: &StragglerArgs, rows: &[Row]) {
             .filter_map(|&pct| rate(rows, p, pct).map(|r| format!("{pct}%: {:.3}", r / r0)))
             .collect();
         if !ratios.is_empty() {
-            println!("{p}: updates/s relative to its own 0% rate: {}", ratios.join(", "));
+            println!(
+                "{p}: updates/s relative to its own 0% rate: {}",
+                ratios.join(", ")
+            );
         }
     }
 }

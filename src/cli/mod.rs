@@ -178,7 +178,12 @@ pub(crate) struct StragglerArgs {
     #[arg(long, value_delimiter = ',', default_value = "0,25,50,75", value_parser = clap::value_parser!(u32).range(0..=100))]
     fractions: Vec<u32>,
     /// Policies to compare, comma separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "naive,timeout")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "naive,timeout"
+    )]
     policies: Vec<Policy>,
     /// A normal worker's compute time per step.
     #[arg(long, default_value_t = 20.0, value_name = "MS", value_parser = non_negative_ms)]
@@ -218,7 +223,9 @@ struct DemoArgs {
 }
 
 fn parse_ms(s: &str, allow_zero: bool) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of milliseconds"))?;
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of milliseconds"))?;
     if !v.is_finite() || v < 0.0 || (!allow_zero && v == 0.0) || v > 86_400_000.0 {
         return Err(format!(
             "{s} ms is out of range (must be {} and at most a day)",
@@ -271,8 +278,40 @@ mod tests {
 
     #[test]
     fn timeouts_must_be_positive() {
-        assert!(Cli::try_parse_from(["hetsync", "server", "--workers", "2", "--dim", "4", "--timeout-ms", "0"]).is_err());
-        assert!(Cli::try_parse_from(["hetsync", "server", "--workers", "2", "--dim", "4", "--timeout-ms", "0.5"]).is_ok());
-        assert!(Cli::try_parse_from(["hetsync", "worker", "--server", "x:1", "--rank", "0", "--dim", "4", "--compute-ms", "-1"]).is_err());
+        assert!(Cli::try_parse_from([
+            "hetsync",
+            "server",
+            "--workers",
+            "2",
+            "--dim",
+            "4",
+            "--timeout-ms",
+            "0"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "hetsync",
+            "server",
+            "--workers",
+            "2",
+            "--dim",
+            "4",
+            "--timeout-ms",
+            "0.5"
+        ])
+        .is_ok());
+        assert!(Cli::try_parse_from([
+            "hetsync",
+            "worker",
+            "--server",
+            "x:1",
+            "--rank",
+            "0",
+            "--dim",
+            "4",
+            "--compute-ms",
+            "-1"
+        ])
+        .is_err());
     }
 }

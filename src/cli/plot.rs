@@ -93,7 +93,9 @@ pub(super) fn stragglers(path: &Path, rows: &[Row], a: &StragglerArgs) -> Result
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))?
             .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            });
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 5, color.filled())))?;
     }
     chart

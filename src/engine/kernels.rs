@@ -22,7 +22,11 @@ impl Kernel {
     /// The fastest kernel this CPU supports (detected once).
     pub fn best() -> Kernel {
         static BEST: OnceLock<Kernel> = OnceLock::new();
-        *BEST.get_or_init(|| *Self::available().last().expect("scalar is always available"))
+        *BEST.get_or_init(|| {
+            *Self::available()
+                .last()
+                .expect("scalar is always available")
+        })
     }
 
     /// Every kernel this CPU supports, slowest first.
@@ -206,7 +210,10 @@ mod tests {
         for kernel in Kernel::available() {
             let mut got = init.clone();
             kernel.sum_scaled_into(&mut got, &views, alpha);
-            let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{} differs from scalar at n={n} k={k}", kernel.name());
         }
     }
@@ -224,7 +231,9 @@ mod tests {
     fn every_kernel_matches_scalar_on_random_and_huge_lengths() {
         let mut x = 7u64;
         for _ in 0..40 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             check((x >> 33) as usize % 20_000, 1 + (x >> 20) as usize % 6, 0.5);
         }
         check((1 << 22) + 13, 4, -1.0 / 3.0);

@@ -24,7 +24,10 @@ impl Sgd {
             return;
         }
         let (model, slots) = region.model_and_slots(key as usize);
-        let grads: Vec<&[f32]> = participants.iter().map(|&p| slots.get(p as usize)).collect();
+        let grads: Vec<&[f32]> = participants
+            .iter()
+            .map(|&p| slots.get(p as usize))
+            .collect();
         let alpha = -self.lr / participants.len() as f32;
         kernel.sum_scaled_into(model, &grads, alpha);
     }

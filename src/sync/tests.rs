@@ -150,11 +150,17 @@ impl Sim {
                 Action::Serve { rank } => {
                     let w = rank as usize;
                     let State::Waiting(since) = self.state[w] else {
-                        panic!("served worker {rank} that was not waiting: {:?}", self.state[w]);
+                        panic!(
+                            "served worker {rank} that was not waiting: {:?}",
+                            self.state[w]
+                        );
                     };
                     if let BarrierMode::Timeout(t) = self.mode {
                         if self.barrier.started() && since > Duration::ZERO {
-                            assert!(self.now - since <= t, "worker {rank} waited past the timeout");
+                            assert!(
+                                self.now - since <= t,
+                                "worker {rank} waited past the timeout"
+                            );
                         }
                     }
                     self.state[w] = State::Computing;
@@ -183,7 +189,9 @@ impl Sim {
             let next_timer = self.barrier.poll_timeout().map(|d| d - self.t0);
             let next = match (next_ev, next_timer) {
                 (Some(a), Some(b)) => a.min(b),
-                (a, b) => a.or(b).expect("the simulation always has something scheduled"),
+                (a, b) => a
+                    .or(b)
+                    .expect("the simulation always has something scheduled"),
             };
             if next > until {
                 break;
@@ -262,11 +270,16 @@ fn nobody_gets_the_model_until_everyone_joined() {
     b.on_join(0, t(0));
     b.on_join(2, t(1));
     assert!(actions(&mut b).is_empty());
-    assert_eq!(b.on_push(0, 0, t(2)), Err(SyncError::NotStarted { rank: 0 }));
+    assert_eq!(
+        b.on_push(0, 0, t(2)),
+        Err(SyncError::NotStarted { rank: 0 })
+    );
     b.on_join(1, t(3));
     assert_eq!(
         actions(&mut b),
-        (0..3).map(|rank| Action::Serve { rank }).collect::<Vec<_>>()
+        (0..3)
+            .map(|rank| Action::Serve { rank })
+            .collect::<Vec<_>>()
     );
 }
 
@@ -322,7 +335,12 @@ fn naive_waits_for_the_straggler_forever_but_not_for_the_departed() {
     b.on_leave(1, t(1_000_001));
     assert!(matches!(
         actions(&mut b)[0],
-        Action::CloseRound { round: 0, missing: 0, cause: CloseCause::AllArrived, .. }
+        Action::CloseRound {
+            round: 0,
+            missing: 0,
+            cause: CloseCause::AllArrived,
+            ..
+        }
     ));
 }
 

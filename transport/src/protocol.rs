@@ -30,7 +30,9 @@ pub const MAX_CONTROL_PAYLOAD: u64 = 64 * 1024;
 pub const MAX_KEYS: usize = 4096;
 
 #[cfg(not(target_endian = "little"))]
-compile_error!("Het-Sync moves f32 tensors as raw little-endian bytes; big-endian hosts are not supported");
+compile_error!(
+    "Het-Sync moves f32 tensors as raw little-endian bytes; big-endian hosts are not supported"
+);
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,7 +105,9 @@ pub enum ProtocolError {
         max: u64,
     },
     /// A tensor payload whose size is not the negotiated tensor size.
-    #[error("{kind:?} for key {key} carries {len} bytes, but the negotiated tensor is {expected} bytes")]
+    #[error(
+        "{kind:?} for key {key} carries {len} bytes, but the negotiated tensor is {expected} bytes"
+    )]
     WrongSize {
         /// The frame kind.
         kind: FrameKind,
@@ -193,7 +197,9 @@ impl Header {
         let kind = FrameKind::from_u8(b[6]).ok_or(ProtocolError::UnknownKind(b[6]))?;
         let reserved = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
         if b[7] != 0 || reserved != 0 {
-            return Err(ProtocolError::Reserved(u64::from(b[7]) << 32 | u64::from(reserved)));
+            return Err(ProtocolError::Reserved(
+                u64::from(b[7]) << 32 | u64::from(reserved),
+            ));
         }
         Ok(Self {
             kind,
@@ -217,13 +223,10 @@ impl Limits {
     pub fn check(&self, h: &Header) -> Result<(), ProtocolError> {
         match h.kind {
             FrameKind::Push | FrameKind::Model => {
-                let dim = *self
-                    .dims
-                    .get(h.key as usize)
-                    .ok_or(ProtocolError::BadKey {
-                        key: h.key,
-                        keys: self.dims.len(),
-                    })?;
+                let dim = *self.dims.get(h.key as usize).ok_or(ProtocolError::BadKey {
+                    key: h.key,
+                    keys: self.dims.len(),
+                })?;
                 let expected = (dim * 4) as u64;
                 if h.len != expected {
                     return Err(ProtocolError::WrongSize {
@@ -434,7 +437,12 @@ mod tests {
     fn control_frames_are_bounded() {
         let l = limits();
         assert!(matches!(
-            l.check(&Header::new(FrameKind::Hello, 0, 0, MAX_CONTROL_PAYLOAD + 1)),
+            l.check(&Header::new(
+                FrameKind::Hello,
+                0,
+                0,
+                MAX_CONTROL_PAYLOAD + 1
+            )),
             Err(ProtocolError::TooLong { .. })
         ));
         assert!(matches!(

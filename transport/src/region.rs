@@ -38,7 +38,7 @@ fn align_up(x: usize, a: usize) -> usize {
 /// Stride between consecutive slots of one key.
 fn stride_for(bytes: usize) -> usize {
     let s = align_up(bytes, ALIGN);
-    if s % PAGE == 0 {
+    if s.is_multiple_of(PAGE) {
         s + STAGGER
     } else {
         s
@@ -208,16 +208,19 @@ mod tests {
         for dims in [vec![1usize], vec![1024], vec![1000, 3, 4096]] {
             let l = RegionLayout::new(4, &dims).unwrap();
             let mut ranges = Vec::new();
-            for k in 0..dims.len() {
+            for (k, &dim) in dims.iter().enumerate() {
                 ranges.push(l.model_range(k));
                 for w in 0..4 {
                     let r = l.slot_range(w, k);
                     assert_eq!(r.start % ALIGN, 0);
-                    assert_eq!(r.len(), dims[k] * 4);
+                    assert_eq!(r.len(), dim * 4);
                     ranges.push(r);
                 }
                 let stride = l.slot_range(1, k).start - l.slot_range(0, k).start;
-                assert_ne!(stride % PAGE, 0, "stride {stride} aliases pages");
+                assert!(
+                    !stride.is_multiple_of(PAGE),
+                    "stride {stride} aliases pages"
+                );
             }
             ranges.sort_by_key(|r| r.start);
             for pair in ranges.windows(2) {

@@ -62,7 +62,9 @@ impl TcpClient {
             peer: peer.clone(),
             source,
         };
-        stream.set_nodelay(true).map_err(|e| io_err("setsockopt(TCP_NODELAY)", e))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| io_err("setsockopt(TCP_NODELAY)", e))?;
         let dims: Vec<usize> = hello.dims.iter().map(|&d| d as usize).collect();
         let mut client = Self {
             stream,
@@ -109,7 +111,9 @@ impl TcpClient {
 
     fn read_header(&mut self, op: &'static str) -> Result<Header, LinkError> {
         let mut b = [0u8; HEADER_LEN];
-        self.stream.read_exact(&mut b).map_err(|e| self.io_err(op, e))?;
+        self.stream
+            .read_exact(&mut b)
+            .map_err(|e| self.io_err(op, e))?;
         let h = Header::decode(&b).map_err(|e| self.proto_err(e))?;
         self.limits.check(&h).map_err(|e| self.proto_err(e))?;
         Ok(h)

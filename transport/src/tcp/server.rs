@@ -122,7 +122,8 @@ impl Conn {
 
     /// Queues `segs` and writes as much as the kernel takes now.
     fn send(&mut self, region: &SlotRegion, segs: [Segment; 2]) -> Result<(), PeerError> {
-        self.out.extend(segs.into_iter().filter(|s| !s.remaining(region).is_empty()));
+        self.out
+            .extend(segs.into_iter().filter(|s| !s.remaining(region).is_empty()));
         self.flush(region).map(drop)
     }
 
@@ -211,8 +212,8 @@ impl TcpServer {
     pub fn bind(cfg: &TcpServerConfig) -> Result<Self, TransportError> {
         let layout = RegionLayout::new(cfg.workers, &cfg.dims)
             .map_err(|e| TransportError::os("laying out the slot region", e))?;
-        let region =
-            SlotRegion::new(layout).map_err(|e| TransportError::os("mapping the slot region", e))?;
+        let region = SlotRegion::new(layout)
+            .map_err(|e| TransportError::os("mapping the slot region", e))?;
         let listener = listen(cfg.listen)?;
         let local = listener
             .local_addr()
@@ -322,7 +323,10 @@ impl TcpServer {
             });
             self.next_gen += 1;
             let token = (self.next_gen << 32) | idx as u64;
-            if let Err(e) = self.epoll.add(&stream, EpollEvent::new(Conn::flags(false), token)) {
+            if let Err(e) = self
+                .epoll
+                .add(&stream, EpollEvent::new(Conn::flags(false), token))
+            {
                 self.free.push(idx);
                 self.pending.push(Event::Refused {
                     peer,
@@ -559,7 +563,11 @@ impl TcpServer {
 
     /// Refuses a handshake.
     fn refuse(&mut self, idx: usize, why: &str) {
-        let peer = self.conns[idx].as_ref().expect("live connection").peer.clone();
+        let peer = self.conns[idx]
+            .as_ref()
+            .expect("live connection")
+            .peer
+            .clone();
         self.pending.push(Event::Refused {
             peer,
             reason: why.to_string(),

@@ -1,0 +1,149 @@
+//! Helpers for the end-to-end tests: run the real `hetsync` binary on loopback, with a hang guard.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A generous bound that only catches hangs; tests never assert timings.
+pub const HANG: Duration = Duration::from_secs(120);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hetsync")
+}
+
+/// A scratch directory unique to one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hetsync-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running process whose stderr is collected line by line.
+pub struct Proc {
+    pub child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<String>,
+    what: String,
+}
+
+impl Proc {
+    pub fn spawn(what: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::channel();
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Proc {
+            child,
+            log,
+            lines,
+            what: what.to_string(),
+        }
+    }
+
+    /// Starts `hetsync server` on a free loopback port and returns it with its address.
+    pub fn server(args: &[&str]) -> (Proc, String) {
+        let mut all = vec!["server", "--listen", "127.0.0.1:0", "--progress", "0"];
+        all.extend_from_slice(args);
+        let mut p = Proc::spawn("server", &all);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match p.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap().to_string();
+                        return (p, addr);
+                    }
+                }
+                Err(_) => {
+                    let _ = p.child.kill();
+                    panic!("server never said where it listens:\n{}", p.log());
+                }
+            }
+        }
+    }
+
+    pub fn worker(addr: &str, rank: u32, dim: usize, extra: &[&str]) -> Proc {
+        let (rank, dim) = (rank.to_string(), dim.to_string());
+        let mut all = vec!["worker", "--server", addr, "--rank", &rank, "--dim", &dim];
+        all.extend_from_slice(extra);
+        Proc::spawn(&format!("worker {rank}"), &all)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits for exit, killing the process (and failing) if it hangs.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + HANG;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader thread collect the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("{} hung; its log:\n{}", self.what, self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits and asserts success.
+    pub fn success(&mut self) {
+        let status = self.wait();
+        assert!(
+            status.success(),
+            "{} failed ({status}):\n{}",
+            self.what,
+            self.log()
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Never leave a process behind, whatever the test did.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a model saved with `--save-model`.
+pub fn read_model(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

@@ -1,0 +1,144 @@
+//! A peer that sends in dribbles and a peer that does not read hold nobody up, and the model a
+//! slow reader finally receives is whole: exactly the version it was stamped with, even though the
+//! server updated the model many times while the send sat in its queue.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{max_abs_diff, scratch, Proc};
+use hetsync::protocol::{control_frame, FrameKind, Header, Hello, HEADER_LEN};
+use hetsync::worker::target;
+
+const DIM: usize = 1 << 22;
+
+fn read_frame(s: &mut TcpStream) -> (Header, Vec<u8>) {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let h = Header::decode(&h).unwrap();
+    let mut p = vec![0u8; h.len as usize];
+    s.read_exact(&mut p).unwrap();
+    (h, p)
+}
+
+/// The model after `rounds` rounds, replayed from the server's round log.
+fn replay(log: &str, rounds: u64, lr: f64) -> Vec<f32> {
+    let targets: Vec<Vec<f32>> = (0..3).map(|r| target(r, DIM, 1)).collect();
+    let mut m = vec![0f64; DIM];
+    for line in log.lines().take(rounds as usize) {
+        let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+        let parts: Vec<usize> = rec["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap() as usize)
+            .collect();
+        let k = parts.len() as f64;
+        for (i, mi) in m.iter_mut().enumerate() {
+            let g: f64 = parts
+                .iter()
+                .map(|&p| *mi - f64::from(targets[p][i]))
+                .sum::<f64>()
+                / k;
+            *mi -= lr * g;
+        }
+    }
+    m.iter().map(|&x| x as f32).collect()
+}
+
+#[test]
+fn dribbling_and_non_reading_peers_do_not_stall_training_or_tear_models() {
+    let dir = scratch("slow");
+    let rounds_log = dir.join("rounds.jsonl");
+    let (mut server, addr) = Proc::server(&[
+        "--workers",
+        "3",
+        "--dim",
+        &DIM.to_string(),
+        "--policy",
+        "timeout",
+        "--timeout-ms",
+        "20",
+        "--lr",
+        "0.5",
+        "--rounds",
+        "25",
+        "--round-log",
+        rounds_log.to_str().unwrap(),
+    ]);
+
+    // The slow peer, rank 2. Its 16 MiB model outgrows the kernel buffers, so the reply really
+    // queues in the server while the model changes.
+    let mut slow = TcpStream::connect(&addr).unwrap();
+    socket2::SockRef::from(&slow)
+        .set_recv_buffer_size(256 * 1024)
+        .unwrap();
+    slow.set_read_timeout(Some(common::HANG)).unwrap();
+    let hello = Hello {
+        rank: 2,
+        workers: 3,
+        dims: vec![DIM as u64],
+    };
+    slow.write_all(&control_frame(FrameKind::Hello, 0, 0, &hello.encode()))
+        .unwrap();
+
+    let mut fast: Vec<Proc> = (0..2)
+        .map(|r| Proc::worker(&addr, r, DIM, &["--compute-ms", "1"]))
+        .collect();
+    assert_eq!(read_frame(&mut slow).0.kind, FrameKind::Welcome);
+    let (h, _) = read_frame(&mut slow);
+    assert_eq!((h.kind, h.clock), (FrameKind::Model, 0));
+
+    // A push whose header arrives a byte at a time and whose payload arrives in pieces.
+    let grad: Vec<u8> = vec![0u8; DIM * 4];
+    for b in Header::new(FrameKind::Push, 0, 0, grad.len() as u64).encode() {
+        slow.write_all(&[b]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for chunk in grad.chunks(1 << 20) {
+        slow.write_all(chunk).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Now do not read the reply for a while: the others must keep training meanwhile.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (h, payload) = read_frame(&mut slow);
+    assert_eq!(h.kind, FrameKind::Model);
+    let got: Vec<f32> = payload
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    drop(slow);
+
+    server.success();
+    for w in &mut fast {
+        w.success();
+    }
+    let log = std::fs::read_to_string(&rounds_log).unwrap();
+    assert_eq!(
+        log.lines().count(),
+        25,
+        "training went on without the slow peer"
+    );
+    assert!(
+        h.clock > 0,
+        "the slow peer's late push was answered with the current model"
+    );
+    let want = replay(&log, h.clock, 0.5);
+    let diff = max_abs_diff(&got, &want);
+    assert!(
+        diff < 1e-4,
+        "the slow peer's model (round {}) is torn or wrong: off by {diff}",
+        h.clock
+    );
+    // The slow peer's push was for round 0, long closed when it arrived: dropped as late.
+    let slog = server.log();
+    let late: u64 = slog
+        .split("late gradients ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no late-gradient count in the summary:\n{slog}"));
+    assert!(late >= 1, "{slog}");
+}
