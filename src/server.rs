@@ -69,6 +69,8 @@ pub struct ServerStats {
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct ServerReport {
+    /// Whether every worker joined and training ran.
+    pub started: bool,
     /// Counters.
     pub stats: ServerStats,
     /// Time from the start of training (every worker joined) to the end.
@@ -243,6 +245,7 @@ impl<T: Transport> Server<T> {
         let model = self.transport.region().model(KEY as usize).to_vec();
         self.transport.shutdown(SHUTDOWN_GRACE);
         Ok(ServerReport {
+            started: self.started.is_some(),
             stats: self.stats,
             elapsed,
             model,

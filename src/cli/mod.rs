@@ -42,13 +42,24 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the parameter server.
+    ///
+    /// Listens for workers, starts training once all --workers have joined, and closes rounds
+    /// according to --policy. Prints a progress line every second. Stops after --rounds (exit 0),
+    /// or on SIGINT/SIGTERM, saying goodbye to every worker.
     Server(ServerArgs),
-    /// Run a simulated worker with a checkable objective.
+    /// Run a simulated worker.
+    ///
+    /// Worker R's gradient is `model - target_R` for a fixed target drawn from --seed, so the model
+    /// converges to the mean target and results can be checked. Each step "computes" for
+    /// --compute-ms (or --straggle-ms for a straggler), pushes, and waits for the model.
     Worker(WorkerArgs),
     /// Run benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Run the straggler experiment with good defaults: no arguments needed.
+    /// Run the straggler experiment with the paper's settings and write its results.
+    ///
+    /// Four workers, 0-75% of them stragglers 10x slower, naive against timeout, 3 s per
+    /// configuration (about 30 s in all). Writes DIR/stragglers.json and DIR/stragglers.png.
     Demo(DemoArgs),
 }
 
@@ -70,11 +81,7 @@ impl Policy {
     }
 }
 
-/// Run the parameter server.
-///
-/// Listens for workers, starts training once all --workers have joined, and closes rounds
-/// according to --policy. Prints a progress line every second. Stops after --rounds (exit 0),
-/// or on SIGINT/SIGTERM, saying goodbye to every worker.
+/// The options of `hetsync server` (its help text is on [`Command`]).
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   hetsync server --workers 4 --dim 1048576
@@ -116,11 +123,7 @@ struct ServerArgs {
     save_model: Option<PathBuf>,
 }
 
-/// Run a simulated worker.
-///
-/// Worker R's gradient is `model - target_R` for a fixed target drawn from --seed, so the model
-/// converges to the mean target and results can be checked. Each step "computes" for
-/// --compute-ms (or --straggle-ms for a straggler), pushes, and waits for the model.
+/// The options of `hetsync worker` (its help text is on [`Command`]).
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   hetsync worker --server 127.0.0.1:7700 --rank 0 --dim 1048576
@@ -161,11 +164,14 @@ struct WorkerArgs {
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Updates/s of each policy as the share of stragglers grows (the Het-Sync experiment).
+    ///
+    /// Runs a server and N workers on loopback for each (straggler fraction, policy) and reports
+    /// updates/s in a table, as JSON and as a PNG graph, with each policy's rate relative to its
+    /// own rate at 0% stragglers (ratios measured in the same run).
     Stragglers(StragglerArgs),
 }
 
-/// Run a server and N workers on loopback for each (straggler fraction, policy) and report
-/// updates/s in a table, as JSON and as a PNG graph.
+/// The options of `hetsync bench stragglers` (its help text is on [`Command`]).
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   hetsync bench stragglers
@@ -208,10 +214,7 @@ pub(crate) struct StragglerArgs {
     plot: Option<PathBuf>,
 }
 
-/// Run the straggler experiment with the paper's settings and write its results.
-///
-/// Four workers, 0-75% of them stragglers 10x slower, naive against timeout, 3 s per
-/// configuration (about 30 s in all). Writes DIR/stragglers.json and DIR/stragglers.png.
+/// The options of `hetsync demo` (its help text is on [`Command`]).
 #[derive(Debug, Args)]
 struct DemoArgs {
     /// Where to write the JSON results and the graph.
@@ -255,10 +258,16 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hetsync: error: {e}");
+            let mut said = e.to_string();
+            eprintln!("hetsync: error: {said}");
             let mut cause = e.source();
             while let Some(c) = cause {
-                eprintln!("  caused by: {c}");
+                // Most messages already quote their cause; print only what adds something.
+                let text = c.to_string();
+                if !said.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                    said.push_str(&text);
+                }
                 cause = c.source();
             }
             ExitCode::FAILURE

@@ -38,6 +38,14 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
     );
     let report = server.run(&signals::STOP)?;
     let s = &report.stats;
+    if !report.started {
+        eprintln!(
+            "hetsync server: stopped before training started: {} of {} workers had joined (training starts when all have)",
+            s.joins.saturating_sub(s.departures),
+            a.workers
+        );
+        return Ok(());
+    }
     eprintln!(
         "hetsync server: finished: {} rounds in {:.2} s ({:.1} rounds/s) | mean participants {:.2}/{} | rounds closed by timeout {} | stragglers dropped {} | late gradients {} | joins {} departures {} refused {}",
         s.rounds,
