@@ -2,7 +2,7 @@
 //! worker threads over TCP, a fraction of them 10x slower, for each policy.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -123,6 +123,11 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
             })
             .collect();
         while !server.is_finished() {
+            // A worker that ends while the server runs has failed (workers end after the
+            // server's goodbye): stop the trial rather than wait for a worker that will not come.
+            if workers.iter().any(|w| w.is_finished()) {
+                stop.store(true, Ordering::Relaxed);
+            }
             tick(started.elapsed());
             thread::sleep(Duration::from_millis(100));
         }

@@ -17,6 +17,8 @@ use crate::sync::{Action, Barrier, BarrierMode, CloseCause};
 
 /// The only key the server runs today; the protocol and region already carry several.
 const KEY: u32 = 0;
+/// Longest single wait in the event loop: how quickly `stop` is noticed without a signal.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 /// How long shutdown waits for workers to take their goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -195,8 +197,8 @@ impl<T: Transport> Server<T> {
         })
     }
 
-    /// Serves until the round limit, the duration, or `stop` (checked whenever the transport
-    /// wakes up, which a signal does).
+    /// Serves until the round limit, the duration, or `stop` (seen within 100 ms, at once when a
+    /// signal interrupts the wait).
     pub fn run(mut self, stop: &AtomicBool) -> Result<ServerReport, ServerError> {
         let mut events = Vec::new();
         let mut window: Option<Window> = None;
@@ -226,8 +228,12 @@ impl<T: Transport> Server<T> {
                 }
                 wake = Some(wake.map_or(w.at + every, |x| x.min(w.at + every)));
             }
-            let timeout = wake.map(|w| w.saturating_duration_since(now));
-            self.transport.poll(&mut events, timeout)?;
+            // Never sleep longer than STOP_CHECK, so an in-process `stop` is seen even before any
+            // worker has joined (signals interrupt the wait anyway).
+            let timeout = wake.map_or(STOP_CHECK, |w| {
+                w.saturating_duration_since(now).min(STOP_CHECK)
+            });
+            self.transport.poll(&mut events, Some(timeout))?;
             let now = Instant::now();
             for ev in events.drain(..) {
                 self.on_event(ev, now);
@@ -385,5 +391,42 @@ impl<T: Transport> Server<T> {
             rounds: self.stats.rounds,
             participants: self.stats.participants,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn stop_is_seen_even_before_any_worker_joins() {
+        let server = Server::bind_tcp(ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            workers: 2,
+            dim: 8,
+            mode: BarrierMode::Naive,
+            lr: 0.1,
+            rounds: None,
+            duration: None,
+            progress: None,
+            log_events: false,
+            round_log: None,
+        })
+        .unwrap();
+        let stop = AtomicBool::new(false);
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| tx.send(server.run(&stop)).unwrap());
+            std::thread::sleep(Duration::from_millis(150));
+            stop.store(true, Ordering::Relaxed);
+            // A bound that only catches a hang: the loop wakes at least every 100 ms.
+            let report = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("server ignored stop");
+            let report = report.unwrap();
+            assert!(!report.started);
+            assert_eq!(report.stats.rounds, 0);
+        });
     }
 }

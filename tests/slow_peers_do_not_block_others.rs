@@ -8,9 +8,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{max_abs_diff, scratch, Proc};
+use common::{max_abs_diff, parse_rounds, replay, scratch, Proc};
 use hetsync::protocol::{control_frame, FrameKind, Header, Hello, HEADER_LEN};
-use hetsync::worker::target;
 
 const DIM: usize = 1 << 22;
 
@@ -21,31 +20,6 @@ fn read_frame(s: &mut TcpStream) -> (Header, Vec<u8>) {
     let mut p = vec![0u8; h.len as usize];
     s.read_exact(&mut p).unwrap();
     (h, p)
-}
-
-/// The model after `rounds` rounds, replayed from the server's round log.
-fn replay(log: &str, rounds: u64, lr: f64) -> Vec<f32> {
-    let targets: Vec<Vec<f32>> = (0..3).map(|r| target(r, DIM, 1)).collect();
-    let mut m = vec![0f64; DIM];
-    for line in log.lines().take(rounds as usize) {
-        let rec: serde_json::Value = serde_json::from_str(line).unwrap();
-        let parts: Vec<usize> = rec["participants"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_u64().unwrap() as usize)
-            .collect();
-        let k = parts.len() as f64;
-        for (i, mi) in m.iter_mut().enumerate() {
-            let g: f64 = parts
-                .iter()
-                .map(|&p| *mi - f64::from(targets[p][i]))
-                .sum::<f64>()
-                / k;
-            *mi -= lr * g;
-        }
-    }
-    m.iter().map(|&x| x as f32).collect()
 }
 
 #[test]
@@ -125,7 +99,8 @@ fn dribbling_and_non_reading_peers_do_not_stall_training_or_tear_models() {
         h.clock > 0,
         "the slow peer's late push was answered with the current model"
     );
-    let want = replay(&log, h.clock, 0.5);
+    let rounds = parse_rounds(&log);
+    let want = replay(&rounds[..h.clock as usize], 3, DIM, 0.5);
     let diff = max_abs_diff(&got, &want);
     assert!(
         diff < 1e-4,

@@ -4,8 +4,7 @@
 
 mod common;
 
-use common::{max_abs_diff, read_model, scratch, Proc};
-use hetsync::worker::target;
+use common::{max_abs_diff, parse_rounds, read_model, replay, scratch, Proc};
 
 #[test]
 fn timeout_policy_leaves_the_straggler_behind_and_the_model_matches_the_replay() {
@@ -45,46 +44,19 @@ fn timeout_policy_leaves_the_straggler_behind_and_the_model_matches_the_replay()
         w.success();
     }
 
-    // Replay: m <- m - lr * mean_{p in P_r}(m - t_p), in f64.
-    let targets: Vec<Vec<f32>> = (0..4).map(|r| target(r, dim, 1)).collect();
-    let mut m = vec![0f64; dim];
-    let text = std::fs::read_to_string(&rounds_log).unwrap();
-    let mut timeouts_without_straggler = 0;
-    let mut n = 0;
-    for line in text.lines() {
-        let rec: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert_eq!(
-            rec["round"].as_u64().unwrap(),
-            n,
-            "rounds are logged in order"
-        );
-        n += 1;
-        let parts: Vec<usize> = rec["participants"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_u64().unwrap() as usize)
-            .collect();
-        assert!(!parts.is_empty());
-        if rec["cause"] == "timeout" && !parts.contains(&3) {
-            timeouts_without_straggler += 1;
-        }
-        let k = parts.len() as f64;
-        for (i, mi) in m.iter_mut().enumerate() {
-            let g: f64 = parts
-                .iter()
-                .map(|&p| *mi - f64::from(targets[p][i]))
-                .sum::<f64>()
-                / k;
-            *mi -= f64::from(lr) * g;
-        }
+    let rounds = parse_rounds(&std::fs::read_to_string(&rounds_log).unwrap());
+    assert_eq!(rounds.len(), 30, "the server logged every round");
+    for (n, r) in rounds.iter().enumerate() {
+        assert_eq!(r.round, n as u64, "rounds are logged in order");
+        assert!(!r.participants.is_empty());
     }
-    assert_eq!(n, 30, "the server logged every round");
     assert!(
-        timeouts_without_straggler > 0,
-        "no round closed without the straggler:\n{text}"
+        rounds
+            .iter()
+            .any(|r| r.cause == "timeout" && !r.participants.contains(&3)),
+        "no round closed without the straggler: {rounds:?}"
     );
-    let replay: Vec<f32> = m.iter().map(|&x| x as f32).collect();
+    let replay = replay(&rounds, 4, dim, f64::from(lr));
     let got = read_model(&model);
     assert!(
         max_abs_diff(&got, &replay) < 1e-4,

@@ -147,3 +147,51 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// One line of a server's `--round-log`.
+#[derive(Debug)]
+pub struct Round {
+    pub round: u64,
+    pub participants: Vec<usize>,
+    pub cause: String,
+}
+
+pub fn parse_rounds(log: &str) -> Vec<Round> {
+    log.lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            Round {
+                round: v["round"].as_u64().unwrap(),
+                participants: v["participants"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_u64().unwrap() as usize)
+                    .collect(),
+                cause: v["cause"].as_str().unwrap().to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The model after `rounds`, replayed in f64 from zero with the simulated workers' objective:
+/// `m <- m - lr * mean over participants p of (m - target_p)`.
+pub fn replay(rounds: &[Round], workers: u32, dim: usize, lr: f64) -> Vec<f32> {
+    let targets: Vec<Vec<f32>> = (0..workers)
+        .map(|r| hetsync::worker::target(r, dim, 1))
+        .collect();
+    let mut m = vec![0f64; dim];
+    for r in rounds {
+        let k = r.participants.len() as f64;
+        for (i, mi) in m.iter_mut().enumerate() {
+            let g: f64 = r
+                .participants
+                .iter()
+                .map(|&p| *mi - f64::from(targets[p][i]))
+                .sum::<f64>()
+                / k;
+            *mi -= lr * g;
+        }
+    }
+    m.iter().map(|&x| x as f32).collect()
+}

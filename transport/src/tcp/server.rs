@@ -354,11 +354,10 @@ impl TcpServer {
     fn read_step(&mut self, idx: usize) -> Result<ReadStep, PeerError> {
         let conn = self.conns[idx].as_mut().expect("live connection");
         let Some(h) = conn.frame else {
-            let n = match conn.stream.read(&mut conn.hdr[conn.got..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadStep::WouldBlock),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(ReadStep::Progress),
-                Err(e) => return Err(conn.io_err("read", e)),
+            let Some(n) = read_nonblocking(&mut conn.stream, &mut conn.hdr[conn.got..])
+                .map_err(|e| conn.io_err("read", e))?
+            else {
+                return Ok(ReadStep::WouldBlock);
             };
             if n == 0 {
                 return Err(PeerError::Closed {
@@ -411,11 +410,10 @@ impl TcpServer {
             }
             _ => &mut conn.ctrl[conn.got..],
         };
-        let n = match conn.stream.read(dst) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadStep::WouldBlock),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(ReadStep::Progress),
-            Err(e) => return Err(conn.io_err("read", e)),
+        let Some(n) =
+            read_nonblocking(&mut conn.stream, dst).map_err(|e| conn.io_err("read", e))?
+        else {
+            return Ok(ReadStep::WouldBlock);
         };
         if n == 0 {
             return Err(PeerError::Closed {
@@ -738,6 +736,18 @@ impl Transport for TcpServer {
             self.close(idx, None);
         }
         self.pending.clear();
+    }
+}
+
+/// One `read`, retried on EINTR: `None` when the socket has nothing now, `Some(0)` at EOF.
+fn read_nonblocking(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        match stream.read(buf) {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
