@@ -5,9 +5,16 @@
 #
 #   gcc, libc6-dev      the linker Rust uses
 #   fonts-dejavu-core   the font the straggler graph (PNG) is drawn with
+# With --tests, also what the test suite runs for real:
+#   slurmctld slurmd slurm-client munge   a three-node Slurm on this machine (tests/slurm/)
 set -euo pipefail
 
 packages=(gcc libc6-dev fonts-dejavu-core)
+case "${1:-}" in
+  --tests) packages+=(slurmctld slurmd slurm-client munge) ;;
+  "") ;;
+  *) echo "usage: install-deps.sh [--tests]" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${packages[@]}"; do

@@ -91,8 +91,9 @@ struct ServerArgs {
     /// Address to listen on (port 0: any free port; the chosen one is printed).
     #[arg(long, default_value = "0.0.0.0:7700", value_name = "ADDR")]
     listen: SocketAddr,
-    /// Number of workers in the job (ranks 0..N-1).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    /// Number of workers in the job (ranks 0..N-1). cluster-scripts/hetsync.sbatch sets
+    /// HETSYNC_WORKERS for the server step.
+    #[arg(long, value_name = "N", env = "HETSYNC_WORKERS", value_parser = clap::value_parser!(u32).range(1..=65536))]
     workers: u32,
     /// Elements (f32) of the model.
     #[arg(long, value_name = "D", value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
@@ -127,19 +128,21 @@ struct ServerArgs {
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   hetsync worker --server 127.0.0.1:7700 --rank 0 --dim 1048576
-  hetsync worker --server node1:7700 --rank 3 --dim 1048576 --straggle-ms 200 --rounds 100")]
+  hetsync worker --server node1:7700 --rank 3 --dim 1048576 --straggle-ms 200 --rounds 100
+  srun -n 4 hetsync worker --server node1:7700 --dim 1048576    # ranks from Slurm")]
 struct WorkerArgs {
     /// The server's HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     server: String,
-    /// This worker's rank, 0..N-1.
-    #[arg(long, value_name = "R")]
+    /// This worker's rank, 0..N-1. Under `srun`, Slurm's task rank is used when absent.
+    #[arg(long, value_name = "R", env = "SLURM_PROCID")]
     rank: u32,
     /// Elements (f32) of the model; must match the server's --dim.
     #[arg(long, value_name = "D", value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
     dim: u64,
-    /// Number of workers in the job, checked against the server's when given.
-    #[arg(long, value_name = "N")]
+    /// Number of workers in the job, checked against the server's when given. Under `srun`,
+    /// Slurm's task count is used when absent.
+    #[arg(long, value_name = "N", env = "SLURM_NTASKS")]
     workers: Option<u32>,
     /// Stop after K pushes (default: until the server finishes).
     #[arg(long, value_name = "K")]
