@@ -56,11 +56,11 @@ pub(super) fn stragglers(a: &StragglerArgs) -> Result<(), CliError> {
     if a.fractions.is_empty() || a.policies.is_empty() {
         return Err("give at least one fraction and one policy".into());
     }
-    let trials: Vec<Trial> = a
-        .fractions
-        .iter()
-        .flat_map(|&pct| {
-            a.policies.iter().map(move |p| Trial {
+    let policies = unique(a.policies.iter().copied());
+    let trials: Vec<Trial> = unique(a.fractions.iter().copied())
+        .into_iter()
+        .flat_map(|pct| {
+            policies.iter().map(move |p| Trial {
                 workers: a.workers,
                 stragglers_pct: pct,
                 mode: p.mode(a.timeout_ms),
@@ -140,14 +140,19 @@ fn rate(rows: &[Row], policy: &str, pct: u32) -> Option<f64> {
         .map(|r| r.updates_per_sec)
 }
 
-fn policies(a: &StragglerArgs) -> Vec<&'static str> {
-    let mut v: Vec<&'static str> = a
-        .policies
-        .iter()
-        .map(|p| policy_name(p.mode(a.timeout_ms)))
-        .collect();
-    v.dedup();
+/// `items` without repeats, in first-seen order.
+fn unique<T: PartialEq + Copy>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut v = Vec::new();
+    for x in items {
+        if !v.contains(&x) {
+            v.push(x);
+        }
+    }
     v
+}
+
+fn policies(a: &StragglerArgs) -> Vec<&'static str> {
+    unique(a.policies.iter().map(|p| policy_name(p.mode(a.timeout_ms))))
 }
 
 fn print_table(a: &StragglerArgs, rows: &[Row]) {
@@ -163,9 +168,7 @@ fn print_table(a: &StragglerArgs, rows: &[Row]) {
         print!(" ---: |");
     }
     println!();
-    let mut fractions = a.fractions.clone();
-    fractions.dedup();
-    for pct in fractions {
+    for pct in unique(a.fractions.iter().copied()) {
         print!("| {pct}% |");
         for p in &pols {
             match rate(rows, p, pct) {

@@ -288,42 +288,17 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    fn parses(args: &str) -> bool {
+        Cli::try_parse_from(args.split_whitespace()).is_ok()
+    }
+
     #[test]
     fn timeouts_must_be_positive() {
-        assert!(Cli::try_parse_from([
-            "hetsync",
-            "server",
-            "--workers",
-            "2",
-            "--dim",
-            "4",
-            "--timeout-ms",
-            "0"
-        ])
-        .is_err());
-        assert!(Cli::try_parse_from([
-            "hetsync",
-            "server",
-            "--workers",
-            "2",
-            "--dim",
-            "4",
-            "--timeout-ms",
-            "0.5"
-        ])
-        .is_ok());
-        assert!(Cli::try_parse_from([
-            "hetsync",
-            "worker",
-            "--server",
-            "x:1",
-            "--rank",
-            "0",
-            "--dim",
-            "4",
-            "--compute-ms",
-            "-1"
-        ])
-        .is_err());
+        let server = "hetsync server --workers 2 --dim 4";
+        assert!(!parses(&format!("{server} --timeout-ms 0")));
+        assert!(parses(&format!("{server} --timeout-ms 0.5")));
+        let worker = "hetsync worker --server x:1 --rank 0 --dim 4";
+        assert!(!parses(&format!("{worker} --compute-ms -1")));
+        assert!(parses(&format!("{worker} --compute-ms 0")));
     }
 }
