@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds the RDMA test binaries on the host and runs them for real inside the Soft-RoCE guest
+# (soft-roce.sh), where a missing device is a failure (HETSYNC_REQUIRE_RDMA=1).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+# The test executables cargo builds for the ffi crate.
+mapfile -t bins < <(cargo test --locked -p hetsync-ffi --no-run --message-format=json 2>/dev/null |
+  grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
+[ ${#bins[@]} -gt 0 ] || { echo "run-rdma-tests: no test binaries built" >&2; exit 1; }
+
+script=$(mktemp)
+trap 'rm -f "$script"' EXIT
+{
+  echo 'export HETSYNC_REQUIRE_RDMA=1 RUST_BACKTRACE=1'
+  echo 'rc=0'
+  for b in "${bins[@]}"; do
+    name=$(basename "$b")
+    echo "echo \"== $name (in the guest)\""
+    echo "./$name --test-threads=1 || rc=1"
+  done
+  echo 'exit $rc'
+} >"$script"
+
+bash tests/guest/soft-roce.sh run target/guest-cache target/guest-work "$script" "${bins[@]}"
