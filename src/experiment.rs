@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use hetsync_transport::any::{Choice, RdmaSelect};
 use serde::Serialize;
 
 use crate::server::{Server, ServerConfig, ServerError};
@@ -87,7 +88,7 @@ pub fn policy_name(mode: BarrierMode) -> &'static str {
 /// 100 ms (for a progress bar).
 pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, TrialError> {
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
-    let server = Server::bind_tcp(ServerConfig {
+    let (server, _) = Server::bind(ServerConfig {
         listen,
         workers: trial.workers as usize,
         dim: trial.dim,
@@ -98,6 +99,8 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
         progress: None,
         log_events: false,
         round_log: None,
+        transport: Choice::Tcp,
+        rdma: RdmaSelect::default(),
     })?;
     let addr = server.local_addr().to_string();
     let stop = AtomicBool::new(false);
@@ -117,9 +120,14 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
                     straggle: (rank < stragglers).then_some(trial.straggle),
                     seed: 1,
                     connect_wait: Duration::from_secs(10),
+                    transport: Choice::Tcp,
+                    rdma: RdmaSelect::default(),
                 };
                 let stop = &stop;
-                s.spawn(move || worker::run_tcp(&cfg, stop))
+                s.spawn(move || {
+                    worker::connect(&cfg)
+                        .and_then(|(mut link, _)| worker::run(&cfg, &mut link, stop))
+                })
             })
             .collect();
         while !server.is_finished() {

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hetsync_transport::tcp::{TcpServer, TcpServerConfig};
+use hetsync_transport::any::{AnyServer, Choice, RdmaSelect};
+use hetsync_transport::tcp::TcpServerConfig;
 use hetsync_transport::{Event, Transport, TransportError};
 use serde::Serialize;
 
@@ -45,6 +46,10 @@ pub struct ServerConfig {
     pub log_events: bool,
     /// Write one JSON line per closed round here.
     pub round_log: Option<PathBuf>,
+    /// Which transport to use.
+    pub transport: Choice,
+    /// The RDMA device and GID index.
+    pub rdma: RdmaSelect,
 }
 
 /// Counters of a run.
@@ -145,15 +150,19 @@ pub struct Server<T: Transport> {
     round_log: Option<BufWriter<File>>,
 }
 
-impl Server<TcpServer> {
-    /// Binds a TCP server for `cfg`.
-    pub fn bind_tcp(cfg: ServerConfig) -> Result<Self, ServerError> {
-        let transport = TcpServer::bind(&TcpServerConfig {
-            listen: cfg.listen,
-            workers: cfg.workers,
-            dims: vec![cfg.dim],
-        })?;
-        Self::new(transport, cfg)
+impl Server<AnyServer> {
+    /// Binds the transport `cfg` chooses; also returns a line saying which one and why.
+    pub fn bind(cfg: ServerConfig) -> Result<(Self, String), ServerError> {
+        let (transport, why) = AnyServer::bind(
+            &TcpServerConfig {
+                listen: cfg.listen,
+                workers: cfg.workers,
+                dims: vec![cfg.dim],
+            },
+            cfg.transport,
+            &cfg.rdma,
+        )?;
+        Ok((Self::new(transport, cfg)?, why))
     }
 
     /// The address the server listens on.
@@ -401,7 +410,7 @@ mod tests {
 
     #[test]
     fn stop_is_seen_even_before_any_worker_joins() {
-        let server = Server::bind_tcp(ServerConfig {
+        let (server, _) = Server::bind(ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             workers: 2,
             dim: 8,
@@ -412,6 +421,8 @@ mod tests {
             progress: None,
             log_events: false,
             round_log: None,
+            transport: Choice::Tcp,
+            rdma: RdmaSelect::default(),
         })
         .unwrap();
         let stop = AtomicBool::new(false);

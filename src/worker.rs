@@ -8,8 +8,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use hetsync_transport::any::{AnyLink, Choice, RdmaSelect};
 use hetsync_transport::protocol::Hello;
-use hetsync_transport::tcp::TcpClient;
 use hetsync_transport::{Incoming, LinkError, WorkerLink};
 
 use crate::Rank;
@@ -35,6 +35,10 @@ pub struct WorkerConfig {
     pub seed: u64,
     /// How long to keep retrying the connection while the server is not up yet.
     pub connect_wait: Duration,
+    /// Which transport to use.
+    pub transport: Choice,
+    /// The RDMA device and GID index.
+    pub rdma: RdmaSelect,
 }
 
 /// What a worker did.
@@ -77,15 +81,22 @@ pub fn mean_target(workers: u32, dim: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Connects over TCP and runs the worker until its round limit, the server's goodbye, or `stop`.
-pub fn run_tcp(cfg: &WorkerConfig, stop: &AtomicBool) -> Result<WorkerReport, LinkError> {
+/// Connects to the server over the transport `cfg` chooses; returns the link and a line saying
+/// which transport it uses and why.
+pub fn connect(cfg: &WorkerConfig) -> Result<(AnyLink, String), LinkError> {
     let hello = Hello {
         rank: cfg.rank,
         workers: cfg.workers,
         dims: vec![cfg.dim as u64],
+        rdma: false,
     };
-    let mut link = TcpClient::connect(&cfg.server, &hello, cfg.connect_wait)?;
-    run(cfg, &mut link, stop)
+    AnyLink::connect(
+        &cfg.server,
+        &hello,
+        cfg.connect_wait,
+        cfg.transport,
+        &cfg.rdma,
+    )
 }
 
 /// Runs the worker loop over any link: wait for the model, compute, push, repeat.

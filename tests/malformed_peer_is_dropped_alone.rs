@@ -25,6 +25,7 @@ impl Raw {
             rank,
             workers,
             dims: vec![dim],
+            rdma: false,
         };
         raw.send(&control_frame(FrameKind::Hello, 0, 0, &hello.encode()));
         assert_eq!(raw.header().kind, FrameKind::Welcome);

@@ -22,5 +22,7 @@ mod qp;
 pub use cq::{Completed, Completion, CompletionQueue};
 pub use device::{device_names, Context, Gid, PortInfo};
 pub use error::{CompletionError, VerbsError};
-pub use memory::{Access, MemoryRegion, ProtectionDomain, RegisteredMemory, RemoteBuffer};
+pub use memory::{
+    Access, ExternalMemory, MemoryRegion, ProtectionDomain, RegisteredMemory, RemoteBuffer,
+};
 pub use qp::{Endpoint, PathConfig, QpCaps, QueuePair, SendOp};

@@ -92,6 +92,50 @@ pub unsafe trait RegisteredMemory {
     fn as_bytes(&self) -> &[u8];
     /// The bytes, mutable.
     fn as_bytes_mut(&mut self) -> &mut [u8];
+    /// Start address and length, without creating a slice.
+    fn addr_len(&self) -> (usize, usize) {
+        let b = self.as_bytes();
+        (b.as_ptr() as usize, b.len())
+    }
+}
+
+/// Memory owned elsewhere (e.g. a transport's slot region), registered in place. Only its
+/// address is used: its bytes are read and written through the owner, never through the region.
+#[derive(Debug)]
+pub struct ExternalMemory {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl ExternalMemory {
+    /// Describes `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// The memory must stay allocated, at this address, until the [`MemoryRegion`] registering
+    /// it has been dropped (declare the region before the owner in a struct, so it drops first).
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
+        Self { ptr, len }
+    }
+}
+
+// SAFETY: it is only an address; the owner guarantees the memory (see `new`).
+unsafe impl Send for ExternalMemory {}
+// SAFETY: as above; nothing is read through it.
+unsafe impl Sync for ExternalMemory {}
+
+// SAFETY: `new`'s contract keeps the address valid and fixed. The slice methods are never used
+// by this crate for ExternalMemory (it overrides `addr_len`); they panic to keep the owner's
+// references the only ones.
+unsafe impl RegisteredMemory for ExternalMemory {
+    fn as_bytes(&self) -> &[u8] {
+        panic!("ExternalMemory is accessed through its owner, not through the region")
+    }
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        panic!("ExternalMemory is accessed through its owner, not through the region")
+    }
+    fn addr_len(&self) -> (usize, usize) {
+        (self.ptr as usize, self.len)
+    }
 }
 
 // SAFETY: a Vec's heap buffer does not move when the Vec does, and nothing can resize it while
@@ -162,14 +206,13 @@ impl ProtectionDomain {
     /// Registers `mem` with the rights `access`. The region owns the memory from now on.
     pub fn register<M: RegisteredMemory>(
         &self,
-        mut mem: M,
+        mem: M,
         access: Access,
     ) -> Result<MemoryRegion<M>, VerbsError> {
-        let bytes = mem.as_bytes_mut();
-        let (ptr, len) = (bytes.as_mut_ptr(), bytes.len());
-        // SAFETY: ptr..ptr+len is valid memory owned by `mem`, which the returned region keeps
-        // alive (and at the same address, per RegisteredMemory) until after ibv_dereg_mr.
-        let mr = unsafe { ibv_reg_mr(self.inner.pd, ptr.cast(), len, access.0 as i32) };
+        let (addr, len) = mem.addr_len();
+        // SAFETY: addr..addr+len is valid memory owned by `mem` (or guaranteed by its owner, for
+        // ExternalMemory), kept alive at the same address until after ibv_dereg_mr.
+        let mr = unsafe { ibv_reg_mr(self.inner.pd, addr as *mut _, len, access.0 as i32) };
         if mr.is_null() {
             let op = format!("ibv_reg_mr of {}", human(len));
             return Err(call(op, &self.inner.ctx.name, last_errno()));
@@ -219,15 +262,17 @@ impl<M: RegisteredMemory> MemoryRegion<M> {
         &mut self.mem
     }
 
+    /// Start address and length of the registered memory.
+    pub fn addr_len(&self) -> (usize, usize) {
+        self.mem.addr_len()
+    }
+
     /// What a peer needs to write into `range` of this region.
     pub fn remote(&self, range: std::ops::Range<usize>) -> RemoteBuffer {
-        let bytes = self.bytes();
-        assert!(
-            range.end <= bytes.len(),
-            "range {range:?} outside the region"
-        );
+        let (addr, len) = self.addr_len();
+        assert!(range.end <= len, "range {range:?} outside the region");
         RemoteBuffer {
-            addr: bytes.as_ptr() as u64 + range.start as u64,
+            addr: addr as u64 + range.start as u64,
             len: range.len() as u64,
             rkey: self.rkey(),
         }

@@ -245,13 +245,10 @@ impl QueuePair {
         range: std::ops::Range<usize>,
         remote: Option<(RemoteBuffer, u64)>,
     ) -> Result<(), VerbsError> {
-        let bytes = local.bytes();
-        assert!(
-            range.end <= bytes.len(),
-            "range {range:?} outside the local region"
-        );
+        let (addr, len) = local.addr_len();
+        assert!(range.end <= len, "range {range:?} outside the local region");
         let mut sge = ibv_sge {
-            addr: bytes.as_ptr() as u64 + range.start as u64,
+            addr: addr as u64 + range.start as u64,
             length: range.len() as u32,
             lkey: local.lkey(),
         };

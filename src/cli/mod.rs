@@ -72,6 +72,50 @@ pub(crate) enum Policy {
     Timeout,
 }
 
+/// Which transport to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TransportArg {
+    /// RDMA when there is an active device (and the peer has one too), TCP otherwise.
+    Auto,
+    /// RDMA verbs, or a clear error when there is no device.
+    Rdma,
+    /// TCP only.
+    Tcp,
+}
+
+impl From<TransportArg> for hetsync_transport::any::Choice {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Auto => Self::Auto,
+            TransportArg::Rdma => Self::Rdma,
+            TransportArg::Tcp => Self::Tcp,
+        }
+    }
+}
+
+/// Transport options shared by the server and the worker.
+#[derive(Debug, Args)]
+struct TransportArgs {
+    /// How data moves: RDMA verbs (one-sided writes into registered memory) or TCP.
+    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
+    transport: TransportArg,
+    /// The RDMA device (default: the first one; `ibv_devices` lists them).
+    #[arg(long, value_name = "NAME", env = "HETSYNC_RDMA_DEVICE")]
+    rdma_device: Option<String>,
+    /// The GID index (default: the RoCE v2 GID with an IPv4 address; `show_gids` lists them).
+    #[arg(long, value_name = "N", env = "HETSYNC_GID_INDEX")]
+    gid_index: Option<u8>,
+}
+
+impl TransportArgs {
+    fn rdma(&self) -> hetsync_transport::any::RdmaSelect {
+        hetsync_transport::any::RdmaSelect {
+            device: self.rdma_device.clone(),
+            gid_index: self.gid_index,
+        }
+    }
+}
+
 impl Policy {
     fn mode(self, timeout_ms: f64) -> BarrierMode {
         match self {
@@ -122,6 +166,8 @@ struct ServerArgs {
     /// Write the final model to FILE as raw little-endian f32 (numpy.fromfile(FILE, "<f4")).
     #[arg(long, value_name = "FILE")]
     save_model: Option<PathBuf>,
+    #[command(flatten)]
+    transport: TransportArgs,
 }
 
 /// The options of `hetsync worker` (its help text is on [`Command`]).
@@ -162,6 +208,8 @@ struct WorkerArgs {
     /// Print nothing but errors.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    transport: TransportArgs,
 }
 
 #[derive(Debug, Subcommand)]

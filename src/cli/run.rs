@@ -12,7 +12,7 @@ use crate::worker::{self, WorkerConfig};
 pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
     signals::install().map_err(|e| format!("installing the SIGINT/SIGTERM handler: {e}"))?;
     let mode = a.policy.mode(a.timeout_ms);
-    let server = Server::bind_tcp(ServerConfig {
+    let (server, why) = Server::bind(ServerConfig {
         listen: a.listen,
         workers: a.workers as usize,
         dim: usize::try_from(a.dim)?,
@@ -23,14 +23,17 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         progress: (a.progress > 0.0).then(|| Duration::from_secs_f64(a.progress)),
         log_events: !a.quiet,
         round_log: a.round_log.clone(),
+        transport: a.transport.transport.into(),
+        rdma: a.transport.rdma(),
     })?;
     let policy = match a.policy {
         Policy::Naive => "naive (wait for every worker)".to_string(),
         Policy::Timeout => format!("timeout ({} ms after a round's first push)", a.timeout_ms),
     };
-    // Always printed, even with --quiet: scripts read the port from this line.
+    // Always printed, even with --quiet: scripts read the port and the transport from these.
+    eprintln!("hetsync server: transport {why}");
     eprintln!(
-        "hetsync server: listening on {} (tcp) | {} workers | {} floats | policy {policy} | lr {}",
+        "hetsync server: listening on {} | {} workers | {} floats | policy {policy} | lr {}",
         server.local_addr(),
         a.workers,
         a.dim,
@@ -83,9 +86,15 @@ pub(super) fn worker(a: WorkerArgs) -> Result<(), CliError> {
         straggle: a.straggle_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
         seed: a.seed,
         connect_wait: Duration::from_secs_f64(a.connect_timeout.max(0.0)),
+        transport: a.transport.transport.into(),
+        rdma: a.transport.rdma(),
     };
     let stop = AtomicBool::new(false);
-    let report = worker::run_tcp(&cfg, &stop)?;
+    let (mut link, why) = worker::connect(&cfg)?;
+    if !a.quiet {
+        eprintln!("hetsync worker {}: transport {why}", a.rank);
+    }
+    let report = worker::run(&cfg, &mut link, &stop)?;
     if !a.quiet {
         eprintln!(
             "hetsync worker {}: finished: {} pushes, last model from round {} ({})",

@@ -9,6 +9,10 @@ mapfile -t bins < <(cargo test --locked -p hetsync-ffi --no-run --message-format
   grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
 [ ${#bins[@]} -gt 0 ] || { echo "run-rdma-tests: no test binaries built" >&2; exit 1; }
 
+# The hetsync binary for the end-to-end run.
+cargo build --locked --bin hetsync 2>&1 | tail -n 1
+hetsync=target/debug/hetsync
+
 script=$(mktemp)
 trap 'rm -f "$script"' EXIT
 {
@@ -19,7 +23,10 @@ trap 'rm -f "$script"' EXIT
     echo "echo \"== $name (in the guest)\""
     echo "./$name --test-threads=1 || rc=1"
   done
+  echo 'echo "== hetsync end to end over RDMA (in the guest)"'
+  echo 'sh ./e2e-rdma.sh || rc=1'
   echo 'exit $rc'
 } >"$script"
 
-bash tests/guest/soft-roce.sh run target/guest-cache target/guest-work "$script" "${bins[@]}"
+bash tests/guest/soft-roce.sh run target/guest-cache target/guest-work "$script" "${bins[@]}" \
+  "$hetsync" tests/guest/e2e-rdma.sh

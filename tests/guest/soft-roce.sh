@@ -62,7 +62,8 @@ mknod -m 666 "$root/dev/null" c 1 3
 copy_with_libs() {
   local f=$1 dest=$2 lib
   cp -L "$f" "$dest"
-  ldd "$f" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
+  # Scripts and static binaries have no libraries: an empty list is fine.
+  { ldd "$f" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | while read -r lib; do
     [ -e "$lib" ] || continue
     mkdir -p "$root$(dirname "$lib")"
     [ -e "$root$lib" ] || cp -L "$lib" "$root$lib"

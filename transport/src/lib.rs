@@ -9,9 +9,14 @@
 //! in memory that is being summed.
 
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-#![forbid(unsafe_code)]
+// Only the RDMA module may use `unsafe`, to post sends whose buffers it keeps alive.
+#![deny(unsafe_code)]
 
+pub mod any;
 pub mod protocol;
+#[cfg(feature = "rdma")]
+#[allow(unsafe_code)]
+pub mod rdma;
 pub mod region;
 pub mod tcp;
 
@@ -135,6 +140,13 @@ pub enum TransportError {
         /// A suggestion for the user.
         hint: &'static str,
     },
+    /// The RDMA device could not be set up.
+    #[cfg(feature = "rdma")]
+    #[error(transparent)]
+    Rdma(#[from] hetsync_ffi::VerbsError),
+    /// RDMA was asked for, but this build has no RDMA support.
+    #[error("this hetsync was built without RDMA support (rebuild with the default features, or use --transport tcp)")]
+    NoRdmaSupport,
     /// A call on the transport's own machinery (epoll, timerfd, mmap) failed.
     #[error("{op} failed: {source}")]
     Os {
@@ -224,6 +236,18 @@ pub enum LinkError {
     /// The connection broke or the server sent something malformed.
     #[error(transparent)]
     Peer(#[from] PeerError),
+    /// Setting up or using RDMA failed.
+    #[cfg(feature = "rdma")]
+    #[error(transparent)]
+    Rdma(#[from] hetsync_ffi::VerbsError),
+    /// An RDMA transfer failed.
+    #[cfg(feature = "rdma")]
+    #[error("RDMA transfer failed: {0}")]
+    RdmaTransfer(#[from] hetsync_ffi::CompletionError),
+    /// RDMA was required but is not available (no device here, none on the server, or a build
+    /// without RDMA).
+    #[error("RDMA is not available: {0}")]
+    NoRdma(String),
 }
 
 /// What a worker needs from a transport: buffers the transport owns (registered memory on RDMA),

@@ -50,6 +50,10 @@ pub enum FrameKind {
     Bye = 5,
     /// Either way: the sender refuses or drops the peer; payload is UTF-8 text saying why.
     Error = 6,
+    /// Either way, right after the handshake: the sender's RDMA endpoint and the buffers the
+    /// other side may write ([`RdmaParams`]). From the server, an empty payload means "no RDMA
+    /// here: carry on over TCP".
+    RdmaConnect = 7,
 }
 
 impl FrameKind {
@@ -61,6 +65,7 @@ impl FrameKind {
             4 => Self::Model,
             5 => Self::Bye,
             6 => Self::Error,
+            7 => Self::RdmaConnect,
             _ => return None,
         })
     }
@@ -239,7 +244,9 @@ impl Limits {
                 Ok(())
             }
             FrameKind::Welcome | FrameKind::Bye => check_len(h, 0),
-            FrameKind::Hello | FrameKind::Error => check_len(h, MAX_CONTROL_PAYLOAD),
+            FrameKind::Hello | FrameKind::Error | FrameKind::RdmaConnect => {
+                check_len(h, MAX_CONTROL_PAYLOAD)
+            }
         }
     }
 }
@@ -265,7 +272,13 @@ pub struct Hello {
     pub workers: u32,
     /// Elements (f32) of each key's tensor.
     pub dims: Vec<u64>,
+    /// An [`FrameKind::RdmaConnect`] offer follows the welcome: the server reports the worker as
+    /// joined only once it has answered it, so no model goes out before the transport is settled.
+    pub rdma: bool,
 }
+
+/// Hello flag bit: an RDMA offer follows.
+const HELLO_RDMA: u32 = 1;
 
 impl Hello {
     /// Encodes the hello payload (without the header).
@@ -277,6 +290,8 @@ impl Hello {
         for d in &self.dims {
             v.extend_from_slice(&d.to_le_bytes());
         }
+        let flags = if self.rdma { HELLO_RDMA } else { 0 };
+        v.extend_from_slice(&flags.to_le_bytes());
         v
     }
 
@@ -298,14 +313,20 @@ impl Hello {
                 "{nkeys} keys declared (must be 1..={MAX_KEYS})"
             )));
         }
-        let need = 12 + 8 * nkeys;
+        let need = 12 + 8 * nkeys + 4;
         if b.len() < need {
             return Err(truncated(need));
         }
         if b.len() > need {
             return Err(ProtocolError::BadHello(format!(
-                "{} trailing bytes after {nkeys} key sizes",
+                "{} trailing bytes after {nkeys} key sizes and the flags",
                 b.len() - need
+            )));
+        }
+        let flags = u32::from_le_bytes(b[need - 4..need].try_into().expect("4 bytes"));
+        if flags & !HELLO_RDMA != 0 {
+            return Err(ProtocolError::BadHello(format!(
+                "unknown hello flags {flags:#x}"
             )));
         }
         let dims: Vec<u64> = (0..nkeys)
@@ -323,8 +344,120 @@ impl Hello {
             rank,
             workers,
             dims,
+            rdma: flags & HELLO_RDMA != 0,
         })
     }
+}
+
+/// Most keys a job may have over RDMA: the immediate carries the key in 8 bits.
+pub const MAX_RDMA_KEYS: usize = 256;
+
+/// One side's RDMA endpoint and the buffers (one per key) the other side may RDMA-write: the
+/// worker offers its model buffers, the server its slots for that worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaParams {
+    /// Queue pair number.
+    pub qpn: u32,
+    /// First packet sequence number.
+    pub psn: u32,
+    /// Local identifier (InfiniBand; 0 on RoCE).
+    pub lid: u16,
+    /// Global identifier.
+    pub gid: [u8; 16],
+    /// Writable buffers, one per key: (address, length, rkey).
+    pub buffers: Vec<(u64, u64, u32)>,
+}
+
+impl RdmaParams {
+    /// Encodes the payload of an [`FrameKind::RdmaConnect`] frame.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(30 + 20 * self.buffers.len());
+        v.extend_from_slice(&self.qpn.to_le_bytes());
+        v.extend_from_slice(&self.psn.to_le_bytes());
+        v.extend_from_slice(&self.lid.to_le_bytes());
+        v.extend_from_slice(&self.gid);
+        v.extend_from_slice(&(self.buffers.len() as u32).to_le_bytes());
+        for (addr, len, rkey) in &self.buffers {
+            v.extend_from_slice(&addr.to_le_bytes());
+            v.extend_from_slice(&len.to_le_bytes());
+            v.extend_from_slice(&rkey.to_le_bytes());
+        }
+        v
+    }
+
+    /// Decodes an [`FrameKind::RdmaConnect`] payload; rejects truncation, trailing bytes and
+    /// more buffers than [`MAX_RDMA_KEYS`].
+    pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
+        const FIXED: usize = 4 + 4 + 2 + 16 + 4;
+        let truncated = |need| ProtocolError::Truncated {
+            what: "RDMA parameters",
+            need,
+            have: b.len(),
+        };
+        if b.len() < FIXED {
+            return Err(truncated(FIXED));
+        }
+        let n = u32::from_le_bytes(b[26..30].try_into().expect("4 bytes")) as usize;
+        if n > MAX_RDMA_KEYS {
+            return Err(ProtocolError::BadHello(format!(
+                "{n} RDMA buffers offered (at most {MAX_RDMA_KEYS})"
+            )));
+        }
+        let need = FIXED + 20 * n;
+        if b.len() != need {
+            return Err(if b.len() < need {
+                truncated(need)
+            } else {
+                ProtocolError::BadHello(format!(
+                    "{} trailing bytes after the RDMA parameters",
+                    b.len() - need
+                ))
+            });
+        }
+        let buffers = (0..n)
+            .map(|i| {
+                let o = FIXED + 20 * i;
+                (
+                    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes")),
+                    u64::from_le_bytes(b[o + 8..o + 16].try_into().expect("8 bytes")),
+                    u32::from_le_bytes(b[o + 16..o + 20].try_into().expect("4 bytes")),
+                )
+            })
+            .collect();
+        Ok(Self {
+            qpn: u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")),
+            psn: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
+            lid: u16::from_le_bytes(b[8..10].try_into().expect("2 bytes")),
+            gid: b[10..26].try_into().expect("16 bytes"),
+            buffers,
+        })
+    }
+}
+
+/// The 32-bit immediate of an RDMA push or model write: the key in the top 8 bits, the low 24
+/// bits of the clock below.
+pub fn encode_imm(key: u32, clock: u64) -> u32 {
+    debug_assert!((key as usize) < MAX_RDMA_KEYS);
+    (key << 24) | (clock & 0xff_ffff) as u32
+}
+
+/// Decodes an immediate: the key, and the clock as the value nearest `near` whose low 24 bits
+/// match (clocks on the wire are never more than a few rounds from the receiver's).
+pub fn decode_imm(imm: u32, near: u64) -> (u32, u64) {
+    const SPAN: u64 = 1 << 24;
+    let low = u64::from(imm & 0xff_ffff);
+    let base = near & !(SPAN - 1);
+    let candidates = [
+        base.wrapping_sub(SPAN) | low,
+        base | low,
+        (base + SPAN) | low,
+    ];
+    let clock = candidates
+        .into_iter()
+        .filter(|&c| c <= near.saturating_add(SPAN / 2))
+        .min_by_key(|&c| c.abs_diff(near))
+        .unwrap_or(base | low);
+    (imm >> 24, clock)
 }
 
 /// Encodes a whole control frame (header and payload) into one buffer.
@@ -352,6 +485,7 @@ mod tests {
             FrameKind::Model,
             FrameKind::Bye,
             FrameKind::Error,
+            FrameKind::RdmaConnect,
         ] {
             let h = Header::new(kind, 7, u64::MAX - 3, 12345);
             assert_eq!(Header::decode(&h.encode()), Ok(h));
@@ -377,7 +511,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_kinds() {
-        for k in [0u8, 7, 200, 255] {
+        for k in [0u8, 8, 200, 255] {
             let mut b = Header::new(FrameKind::Push, 0, 0, 32).encode();
             b[6] = k;
             assert_eq!(Header::decode(&b), Err(ProtocolError::UnknownKind(k)));
@@ -462,6 +596,7 @@ mod tests {
             rank: 3,
             workers: 4,
             dims: vec![1 << 20, 5],
+            rdma: true,
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
     }
@@ -472,6 +607,7 @@ mod tests {
             rank: 0,
             workers: 2,
             dims: vec![10, 20],
+            rdma: false,
         }
         .encode();
         for n in 0..b.len() {
@@ -494,6 +630,7 @@ mod tests {
             rank: 9,
             workers: 0,
             dims: vec![1],
+            rdma: false,
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
     }
@@ -505,21 +642,25 @@ mod tests {
                 rank: 4,
                 workers: 4,
                 dims: vec![1],
+                rdma: false,
             },
             Hello {
                 rank: 1,
                 workers: 1,
                 dims: vec![1],
+                rdma: false,
             },
             Hello {
                 rank: 0,
                 workers: 1,
                 dims: vec![0],
+                rdma: false,
             },
             Hello {
                 rank: 0,
                 workers: 1,
                 dims: vec![],
+                rdma: false,
             },
         ];
         for h in bad {
@@ -532,6 +673,7 @@ mod tests {
             rank: 0,
             workers: 1,
             dims: vec![1],
+            rdma: false,
         }
         .encode();
         many[8..12].copy_from_slice(&(MAX_KEYS as u32 + 1).to_le_bytes());
@@ -539,6 +681,41 @@ mod tests {
             Hello::decode(&many),
             Err(ProtocolError::BadHello(_))
         ));
+    }
+
+    #[test]
+    fn rdma_params_round_trip_and_reject_truncation() {
+        let p = RdmaParams {
+            qpn: 0x11,
+            psn: 0x22,
+            lid: 3,
+            gid: [7; 16],
+            buffers: vec![(0x7f00_0000_1000, 4096, 0xabcd), (1, 2, 3)],
+        };
+        let b = p.encode();
+        assert_eq!(RdmaParams::decode(&b), Ok(p));
+        for n in 0..b.len() {
+            assert!(
+                RdmaParams::decode(&b[..n]).is_err(),
+                "prefix of {n} accepted"
+            );
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(RdmaParams::decode(&long).is_err());
+    }
+
+    #[test]
+    fn immediates_carry_key_and_clock_across_the_24_bit_wrap() {
+        for (key, clock, near) in [
+            (0u32, 0u64, 0u64),
+            (5, 17, 17),
+            (255, (1 << 24) - 1, 1 << 24),
+            (1, 1 << 24, (1 << 24) - 2),
+            (9, 3 * (1 << 24) + 5, 3 * (1 << 24) + 9),
+        ] {
+            assert_eq!(decode_imm(encode_imm(key, clock), near), (key, clock));
+        }
     }
 
     #[test]
@@ -563,6 +740,7 @@ mod tests {
                 let _ = l.check(&h);
             }
             let _ = Hello::decode(&b[HEADER_LEN..]);
+            let _ = RdmaParams::decode(&b[HEADER_LEN..]);
         }
     }
 }

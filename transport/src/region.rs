@@ -140,6 +140,12 @@ impl SlotRegion {
         Ok(Self { layout, map })
     }
 
+    /// Start of the mapping, for registering the region with a NIC. The mapping never moves
+    /// while the region lives.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
     /// The layout this region was mapped with.
     pub fn layout(&self) -> &RegionLayout {
         &self.layout

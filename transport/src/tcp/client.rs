@@ -132,6 +132,66 @@ impl TcpClient {
     }
 }
 
+/// The control-connection side of the RDMA link.
+#[cfg(feature = "rdma")]
+impl TcpClient {
+    /// Sends a control frame (RDMA negotiation).
+    pub(crate) fn send_control(
+        &mut self,
+        kind: FrameKind,
+        payload: &[u8],
+    ) -> Result<(), LinkError> {
+        let frame = protocol::control_frame(kind, 0, 0, payload);
+        self.stream
+            .write_all(&frame)
+            .map_err(|e| self.io_err("write control frame", e))
+    }
+
+    /// Reads the next frame, expecting a control frame of `kind`; returns its payload. An error
+    /// frame becomes a refusal.
+    pub(crate) fn read_control(&mut self, kind: FrameKind) -> Result<Vec<u8>, LinkError> {
+        let h = self.read_header("waiting for a control frame")?;
+        if h.kind == FrameKind::Error {
+            return Err(self.read_error(&h));
+        }
+        if h.kind != kind {
+            return Err(self.proto_err(ProtocolError::Unexpected {
+                kind: h.kind,
+                when: "instead of the RDMA reply",
+            }));
+        }
+        let mut payload = vec![0u8; h.len as usize];
+        self.stream
+            .read_exact(&mut payload)
+            .map_err(|e| self.io_err("read control frame", e))?;
+        Ok(payload)
+    }
+
+    /// Reads a frame arriving on the control connection while the data moves over RDMA: only a
+    /// goodbye or an error may come.
+    pub(crate) fn read_shutdown(&mut self) -> Result<Incoming, LinkError> {
+        let h = self.read_header("reading the control connection")?;
+        match h.kind {
+            FrameKind::Bye => Ok(Incoming::Shutdown),
+            FrameKind::Error => Err(self.read_error(&h)),
+            kind => Err(self.proto_err(ProtocolError::Unexpected {
+                kind,
+                when: "on the control connection of an RDMA worker",
+            })),
+        }
+    }
+
+    /// The socket, for polling next to the completion channel.
+    pub(crate) fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// The server's address.
+    pub(crate) fn peer(&self) -> &str {
+        &self.peer
+    }
+}
+
 impl WorkerLink for TcpClient {
     fn model_and_gradient(&mut self, key: u32) -> (&[f32], &mut [f32]) {
         (&self.models[key as usize], &mut self.grads[key as usize])

@@ -26,6 +26,7 @@ use crate::{
 
 const LISTENER: u64 = u64::MAX;
 const TIMER: u64 = u64::MAX - 1;
+const WATCH: u64 = u64::MAX - 2;
 /// Reads per readiness event before moving on to other peers (level-triggered: the rest waits).
 const READS_PER_WAKEUP: usize = 16;
 /// Connections allowed beyond one per worker (handshakes in flight, reconnects).
@@ -62,6 +63,8 @@ struct Conn {
     /// A push was accepted and its reply not sent: the slot is the server's, another push is a
     /// protocol violation.
     slot_busy: bool,
+    /// The hello announced an RDMA offer: the join is reported once the offer is answered.
+    join_pending: bool,
 }
 
 impl Conn {
@@ -205,6 +208,12 @@ pub struct TcpServer {
     /// Events produced outside `poll` (failed sends, disconnects), delivered by the next poll.
     pending: Vec<Event>,
     ready: Vec<EpollEvent>,
+    /// RDMA connection requests (rank, payload) for the RDMA transport on top.
+    rdma_requests: Vec<(Rank, Vec<u8>)>,
+    /// An extra fd watched by the same epoll set (the RDMA completion channel) became readable.
+    watch_ready: bool,
+    /// An RDMA transport on top answers RDMA offers; without one they are declined here.
+    rdma_enabled: bool,
 }
 
 impl TcpServer {
@@ -248,12 +257,76 @@ impl TcpServer {
             workers: cfg.workers,
             pending: Vec::new(),
             ready: vec![EpollEvent::empty(); 256],
+            rdma_requests: Vec::new(),
+            watch_ready: false,
+            rdma_enabled: false,
         })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// Adds `fd` to the event loop: [`poll`](Transport::poll) returns when it is readable and
+    /// [`take_watch_ready`](Self::take_watch_ready) says so. For the RDMA completion channel.
+    pub fn watch(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), TransportError> {
+        self.epoll
+            .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, WATCH))
+            .map_err(|e| TransportError::os("epoll_ctl(ADD completion channel)", e))
+    }
+
+    /// Whether the watched fd became readable since the last call.
+    pub fn take_watch_ready(&mut self) -> bool {
+        std::mem::take(&mut self.watch_ready)
+    }
+
+    /// Hands RDMA offers to the caller ([`take_rdma_requests`](Self::take_rdma_requests))
+    /// instead of declining them.
+    pub fn enable_rdma_requests(&mut self) {
+        self.rdma_enabled = true;
+    }
+
+    /// RDMA connection requests received since the last call: (rank, payload).
+    pub fn take_rdma_requests(&mut self) -> Vec<(Rank, Vec<u8>)> {
+        std::mem::take(&mut self.rdma_requests)
+    }
+
+    /// Answers worker `rank`'s RDMA offer with "no" (it carries on over TCP) and reports it as
+    /// joined.
+    pub fn decline_rdma(&mut self, rank: Rank) {
+        self.send_control(rank, FrameKind::RdmaConnect, &[]);
+        self.complete_join(rank);
+    }
+
+    /// Reports worker `rank`, whose RDMA offer has been answered, as joined.
+    pub fn complete_join(&mut self, rank: Rank) {
+        let Some(idx) = self.by_rank.get(rank as usize).copied().flatten() else {
+            return;
+        };
+        let conn = self.conns[idx].as_mut().expect("live connection");
+        if std::mem::take(&mut conn.join_pending) {
+            self.pending.push(Event::Joined { rank });
+        }
+    }
+
+    /// Sends worker `rank` a control frame. A peer that is gone is ignored.
+    pub fn send_control(&mut self, rank: Rank, kind: FrameKind, payload: &[u8]) {
+        let Some(idx) = self.by_rank.get(rank as usize).copied().flatten() else {
+            return;
+        };
+        let conn = self.conns[idx].as_mut().expect("live connection");
+        let segs = [
+            Segment::Bytes {
+                buf: protocol::control_frame(kind, 0, 0, payload),
+                pos: 0,
+            },
+            Segment::empty(),
+        ];
+        match conn.send(&self.region, segs) {
+            Ok(()) => self.update_interest(idx),
+            Err(e) => self.fail(idx, e),
+        }
     }
 
     /// Ranks currently connected.
@@ -346,6 +419,7 @@ impl TcpServer {
                 out: VecDeque::new(),
                 want_write: false,
                 slot_busy: false,
+                join_pending: false,
             });
         }
     }
@@ -388,7 +462,7 @@ impl TcpServer {
                     conn.slot_busy = true;
                     None
                 }
-                (Some(_), FrameKind::Bye | FrameKind::Error) => None,
+                (Some(_), FrameKind::Bye | FrameKind::Error | FrameKind::RdmaConnect) => None,
             };
             if let Some(when) = when {
                 return Err(conn.proto_err(ProtocolError::Unexpected { kind: h.kind, when }));
@@ -469,7 +543,14 @@ impl TcpServer {
                     return self.fail(idx, e);
                 }
                 self.update_interest(idx);
-                self.pending.push(Event::Joined { rank: hello.rank });
+                if hello.rdma {
+                    self.conns[idx]
+                        .as_mut()
+                        .expect("live connection")
+                        .join_pending = true;
+                } else {
+                    self.pending.push(Event::Joined { rank: hello.rank });
+                }
             }
             FrameKind::Push => {
                 let rank = conn.rank.expect("checked at the header");
@@ -486,6 +567,22 @@ impl TcpServer {
                     message: String::from_utf8_lossy(&conn.ctrl).into_owned(),
                 };
                 self.close(idx, Some(LeaveReason::Failed(e)));
+            }
+            FrameKind::RdmaConnect => {
+                let rank = conn.rank.expect("checked at the header");
+                if !conn.join_pending {
+                    let e = conn.proto_err(ProtocolError::Unexpected {
+                        kind: h.kind,
+                        when: "without an RDMA offer announced in the hello",
+                    });
+                    return self.fail(idx, e);
+                }
+                let payload = std::mem::take(&mut conn.ctrl);
+                if self.rdma_enabled {
+                    self.rdma_requests.push((rank, payload));
+                } else {
+                    self.decline_rdma(rank);
+                }
             }
             FrameKind::Welcome | FrameKind::Model => unreachable!("rejected at the header"),
         }
@@ -641,6 +738,7 @@ impl Transport for TcpServer {
             let (flags, token) = (self.ready[i].events(), self.ready[i].data());
             match token {
                 LISTENER => self.accept_all(),
+                WATCH => self.watch_ready = true,
                 TIMER => {
                     // Drain the expiration count; EAGAIN just means it was already drained.
                     let _ = self.timer.wait();

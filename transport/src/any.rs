@@ -1,0 +1,243 @@
+//! Transport selection: `auto` (RDMA when both sides have it, TCP otherwise), `rdma` (required)
+//! or `tcp`, for the server ([`AnyServer`]) and the worker ([`AnyLink`]), each reporting in one
+//! line what it chose and why.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::protocol::Hello;
+use crate::tcp::{TcpClient, TcpServer, TcpServerConfig};
+use crate::{Event, Incoming, LinkError, Rank, SlotRegion, Transport, TransportError, WorkerLink};
+
+#[cfg(feature = "rdma")]
+use crate::rdma::{RdmaClient, RdmaServer};
+
+/// Which transport to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Choice {
+    /// RDMA when this side has an active device (and, for a worker, the server offers it);
+    /// TCP otherwise.
+    #[default]
+    Auto,
+    /// RDMA or a clear error.
+    Rdma,
+    /// TCP only.
+    Tcp,
+}
+
+/// The device and GID index for RDMA (`None`: the first device; the RoCE v2 IPv4 GID).
+#[derive(Debug, Clone, Default)]
+pub struct RdmaSelect {
+    /// Device name, e.g. `mlx5_0`.
+    pub device: Option<String>,
+    /// GID index.
+    pub gid_index: Option<u8>,
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_config(s: &RdmaSelect) -> crate::rdma::RdmaConfig {
+    crate::rdma::RdmaConfig {
+        device: s.device.clone(),
+        gid_index: s.gid_index,
+    }
+}
+
+/// The server's transport, whichever was chosen.
+#[derive(Debug)]
+// One per process: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum AnyServer {
+    /// Epoll TCP.
+    Tcp(TcpServer),
+    /// RDMA verbs (with TCP for control, and for workers without RDMA).
+    #[cfg(feature = "rdma")]
+    Rdma(RdmaServer),
+}
+
+impl AnyServer {
+    /// Binds the chosen transport; returns it and a line saying what was chosen and why.
+    pub fn bind(
+        cfg: &TcpServerConfig,
+        choice: Choice,
+        rdma: &RdmaSelect,
+    ) -> Result<(AnyServer, String), TransportError> {
+        match choice {
+            Choice::Tcp => Ok((
+                AnyServer::Tcp(TcpServer::bind(cfg)?),
+                "tcp (--transport tcp)".into(),
+            )),
+            #[cfg(feature = "rdma")]
+            Choice::Rdma | Choice::Auto => match RdmaServer::bind(cfg, &rdma_config(rdma)) {
+                Ok(s) => {
+                    let why = format!("rdma on {} (tcp for workers without RDMA)", s.describe());
+                    Ok((AnyServer::Rdma(s), why))
+                }
+                Err(TransportError::Rdma(e)) if choice == Choice::Auto => Ok((
+                    AnyServer::Tcp(TcpServer::bind(cfg)?),
+                    format!("tcp, because {e}"),
+                )),
+                Err(e) => Err(e),
+            },
+            #[cfg(not(feature = "rdma"))]
+            Choice::Rdma => {
+                let _ = rdma;
+                Err(TransportError::NoRdmaSupport)
+            }
+            #[cfg(not(feature = "rdma"))]
+            Choice::Auto => Ok((
+                AnyServer::Tcp(TcpServer::bind(cfg)?),
+                "tcp (built without RDMA)".into(),
+            )),
+        }
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        match self {
+            AnyServer::Tcp(t) => t.local_addr(),
+            #[cfg(feature = "rdma")]
+            AnyServer::Rdma(r) => r.local_addr(),
+        }
+    }
+
+    fn inner(&mut self) -> &mut dyn Transport {
+        match self {
+            AnyServer::Tcp(t) => t,
+            #[cfg(feature = "rdma")]
+            AnyServer::Rdma(r) => r,
+        }
+    }
+}
+
+impl Transport for AnyServer {
+    fn region(&self) -> &SlotRegion {
+        match self {
+            AnyServer::Tcp(t) => t.region(),
+            #[cfg(feature = "rdma")]
+            AnyServer::Rdma(r) => r.region(),
+        }
+    }
+
+    fn region_mut(&mut self) -> &mut SlotRegion {
+        self.inner().region_mut()
+    }
+
+    fn poll(
+        &mut self,
+        events: &mut Vec<Event>,
+        timeout: Option<Duration>,
+    ) -> Result<(), TransportError> {
+        self.inner().poll(events, timeout)
+    }
+
+    fn send_model(&mut self, rank: Rank, key: u32, round: u64) {
+        self.inner().send_model(rank, key, round)
+    }
+
+    fn disconnect(&mut self, rank: Rank, why: &str) {
+        self.inner().disconnect(rank, why)
+    }
+
+    fn shutdown(&mut self, grace: Duration) {
+        self.inner().shutdown(grace)
+    }
+}
+
+/// A worker's link, whichever transport was chosen.
+#[derive(Debug)]
+pub enum AnyLink {
+    /// TCP for everything.
+    Tcp(TcpClient),
+    /// RDMA for data, TCP for control.
+    #[cfg(feature = "rdma")]
+    Rdma(Box<RdmaClient>),
+}
+
+impl AnyLink {
+    /// Connects, performs the handshake, and upgrades to RDMA as `choice` says; returns the link
+    /// and a line saying which transport it uses and why.
+    pub fn connect(
+        addr: &str,
+        hello: &Hello,
+        wait: Duration,
+        choice: Choice,
+        rdma: &RdmaSelect,
+    ) -> Result<(AnyLink, String), LinkError> {
+        #[cfg(feature = "rdma")]
+        let local = match choice {
+            Choice::Tcp => None,
+            _ => match crate::rdma::Local::open(&rdma_config(rdma)) {
+                Ok(l) => Some(l),
+                Err(e) if choice == Choice::Auto => {
+                    let tcp = TcpClient::connect(addr, hello, wait)?;
+                    return Ok((AnyLink::Tcp(tcp), format!("tcp, because {e}")));
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        #[cfg(feature = "rdma")]
+        let hello = &Hello {
+            rdma: local.is_some(),
+            ..hello.clone()
+        };
+        let tcp = TcpClient::connect(addr, hello, wait)?;
+        #[cfg(feature = "rdma")]
+        if let Some(local) = local {
+            let dims: Vec<usize> = hello.dims.iter().map(|&d| d as usize).collect();
+            let device = local.describe();
+            return match RdmaClient::upgrade(tcp, local, &dims)? {
+                crate::rdma::Upgrade::Rdma(c) => {
+                    Ok((AnyLink::Rdma(c), format!("rdma on {device}")))
+                }
+                crate::rdma::Upgrade::Declined(tcp, why) if choice == Choice::Auto => {
+                    Ok((AnyLink::Tcp(tcp), format!("tcp, because {why}")))
+                }
+                crate::rdma::Upgrade::Declined(_, why) => Err(LinkError::NoRdma(why)),
+            };
+        }
+        #[cfg(not(feature = "rdma"))]
+        {
+            let _ = rdma;
+            if choice == Choice::Rdma {
+                return Err(LinkError::NoRdma(
+                    "this hetsync was built without RDMA support".into(),
+                ));
+            }
+        }
+        Ok((AnyLink::Tcp(tcp), "tcp (--transport tcp)".into()))
+    }
+
+    fn inner(&mut self) -> &mut dyn WorkerLink {
+        match self {
+            AnyLink::Tcp(t) => t,
+            #[cfg(feature = "rdma")]
+            AnyLink::Rdma(r) => r.as_mut(),
+        }
+    }
+}
+
+impl WorkerLink for AnyLink {
+    fn model_and_gradient(&mut self, key: u32) -> (&[f32], &mut [f32]) {
+        self.inner().model_and_gradient(key)
+    }
+
+    fn model(&self, key: u32) -> &[f32] {
+        match self {
+            AnyLink::Tcp(t) => t.model(key),
+            #[cfg(feature = "rdma")]
+            AnyLink::Rdma(r) => r.model(key),
+        }
+    }
+
+    fn push(&mut self, key: u32, clock: u64) -> Result<(), LinkError> {
+        self.inner().push(key, clock)
+    }
+
+    fn wait_model(&mut self) -> Result<Incoming, LinkError> {
+        self.inner().wait_model()
+    }
+
+    fn bye(&mut self) -> Result<(), LinkError> {
+        self.inner().bye()
+    }
+}
