@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Runs inside the Soft-RoCE guest (busybox sh), from /opt/hetsync: hetsync end to end over RDMA.
 # 1. 4 workers, naive barrier, --transport rdma; 2. the same job over TCP: the two final models
 # must be byte-identical; 3. --transport auto picks RDMA here; 4. the timeout barrier with a

@@ -67,8 +67,14 @@ impl RdmaServer {
         let mut tcp = TcpServer::bind(cfg)?;
         tcp.enable_rdma_requests();
         let pd = local.ctx.alloc_pd()?;
-        let send_cq = local.ctx.create_cq(4096, false)?;
-        let recv_cq = local.ctx.create_cq(4096, true)?;
+        // Room for every receive any worker keeps posted, and for a model write to each: a CQ
+        // that overflows breaks every queue pair on it.
+        let workers = cfg.workers.max(1) as i32;
+        let keys = cfg.dims.len() as i32;
+        let send_cq = local.ctx.create_cq((workers * keys * 2 + 64).min(1 << 20), false)?;
+        let recv_cq = local
+            .ctx
+            .create_cq((workers * RECV_DEPTH as i32 + 64).min(1 << 20), true)?;
         let fd = recv_cq.fd().expect("created with a channel");
         tcp.watch(channel_fd(fd))?;
         recv_cq.arm()?;
