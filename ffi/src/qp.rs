@@ -231,6 +231,39 @@ impl QueuePair {
         Ok(())
     }
 
+    /// Posts a receive into `local[range]`, for a peer's SEND; its completion carries `wr_id`.
+    ///
+    /// # Safety
+    /// The region must stay alive, and `local[range]` unread and unwritten by the program, until
+    /// that completion has been polled: the NIC writes it asynchronously.
+    pub unsafe fn post_recv<M: RegisteredMemory>(
+        &self,
+        wr_id: u64,
+        local: &MemoryRegion<M>,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), VerbsError> {
+        let (addr, len) = local.addr_len();
+        assert!(range.end <= len, "range {range:?} outside the local region");
+        let mut sge = ibv_sge {
+            addr: addr as u64 + range.start as u64,
+            length: range.len() as u32,
+            lkey: local.lkey(),
+        };
+        // SAFETY: plain data; one scatter entry set below.
+        let mut wr: ibv_recv_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: the QP is live; `wr` and `sge` are valid for the call; the caller keeps the
+        // buffer valid until the completion.
+        let rc = unsafe { ibv_post_recv(self.qp, &mut wr, &mut bad) };
+        if rc != 0 {
+            return Err(call("ibv_post_recv", &self.device, rc));
+        }
+        Ok(())
+    }
+
     /// Posts `op` of `local[range]` (to `remote` at byte `remote_offset` for writes), signalled:
     /// a completion with `wr_id` follows on the send CQ.
     ///

@@ -182,6 +182,30 @@ fn write_with_imm_lands_exactly_and_carries_the_immediate() {
 }
 
 #[test]
+fn a_send_lands_in_a_posted_receive_buffer() {
+    let Some(l) = connected_pair() else { return };
+    let inbox = l.pd.register(vec![0u8; 4096], Access::LOCAL_WRITE).unwrap();
+    // SAFETY: `inbox` lives and is not touched until the receive completion is polled below.
+    unsafe { l.b.post_recv(21, &inbox, 100..1100).unwrap() };
+    let msg: Vec<u8> = (0..777u32).map(|i| (i % 251) as u8).collect();
+    let outbox = l.pd.register(msg.clone(), Access::LOCAL_WRITE).unwrap();
+    // SAFETY: `outbox` lives, unchanged, until its completion is polled below.
+    unsafe {
+        l.a.post_send(20, SendOp::Send, &outbox, 0..777, None)
+            .unwrap()
+    };
+    assert_eq!(wait_for(&l.send_cq, 1)[0].result, Ok(Completed::Send));
+    let got = wait_for(&l.recv_cq, 1);
+    assert_eq!(got[0].wr_id, 21);
+    assert_eq!(got[0].result, Ok(Completed::Recv { len: 777 }));
+    assert_eq!(&inbox.bytes()[100..877], &msg[..]);
+    assert!(inbox.bytes()[..100]
+        .iter()
+        .chain(&inbox.bytes()[877..])
+        .all(|&b| b == 0));
+}
+
+#[test]
 fn a_write_past_the_registered_region_fails_with_a_remote_access_error() {
     let Some(l) = connected_pair() else { return };
     let mut target =

@@ -71,7 +71,9 @@ impl RdmaServer {
         // that overflows breaks every queue pair on it.
         let workers = cfg.workers.max(1) as i32;
         let keys = cfg.dims.len() as i32;
-        let send_cq = local.ctx.create_cq((workers * keys * 2 + 64).min(1 << 20), false)?;
+        let send_cq = local
+            .ctx
+            .create_cq((workers * keys * 2 + 64).min(1 << 20), false)?;
         let recv_cq = local
             .ctx
             .create_cq((workers * RECV_DEPTH as i32 + 64).min(1 << 20), true)?;
