@@ -242,13 +242,7 @@ impl QueuePair {
         local: &MemoryRegion<M>,
         range: std::ops::Range<usize>,
     ) -> Result<(), VerbsError> {
-        let (addr, len) = local.addr_len();
-        assert!(range.end <= len, "range {range:?} outside the local region");
-        let mut sge = ibv_sge {
-            addr: addr as u64 + range.start as u64,
-            length: range.len() as u32,
-            lkey: local.lkey(),
-        };
+        let mut sge = scatter_entry(local, range);
         // SAFETY: plain data; one scatter entry set below.
         let mut wr: ibv_recv_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -278,13 +272,7 @@ impl QueuePair {
         range: std::ops::Range<usize>,
         remote: Option<(RemoteBuffer, u64)>,
     ) -> Result<(), VerbsError> {
-        let (addr, len) = local.addr_len();
-        assert!(range.end <= len, "range {range:?} outside the local region");
-        let mut sge = ibv_sge {
-            addr: addr as u64 + range.start as u64,
-            length: range.len() as u32,
-            lkey: local.lkey(),
-        };
+        let mut sge = scatter_entry(local, range);
         // SAFETY: plain data; the fields the opcode needs are set below.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -316,6 +304,20 @@ impl QueuePair {
             return Err(call(format!("ibv_post_send({op:?})"), &self.device, rc));
         }
         Ok(())
+    }
+}
+
+/// The scatter/gather entry for `local[range]`.
+fn scatter_entry<M: RegisteredMemory>(
+    local: &MemoryRegion<M>,
+    range: std::ops::Range<usize>,
+) -> ibv_sge {
+    let (addr, len) = local.addr_len();
+    assert!(range.end <= len, "range {range:?} outside the local region");
+    ibv_sge {
+        addr: addr as u64 + range.start as u64,
+        length: range.len() as u32,
+        lkey: local.lkey(),
     }
 }
 

@@ -158,6 +158,15 @@ pub enum TransportError {
     },
 }
 
+/// The wait a transport's `poll` should use: none at all while it holds undelivered events.
+pub(crate) fn wait_for(pending: &[Event], timeout: Option<Duration>) -> Option<Duration> {
+    if pending.is_empty() {
+        timeout
+    } else {
+        Some(Duration::ZERO)
+    }
+}
+
 impl TransportError {
     pub(crate) fn os(op: &'static str, e: impl Into<io::Error>) -> Self {
         TransportError::Os {

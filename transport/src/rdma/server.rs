@@ -316,11 +316,7 @@ impl Transport for RdmaServer {
         events: &mut Vec<Event>,
         timeout: Option<Duration>,
     ) -> Result<(), TransportError> {
-        let timeout = if self.pending.is_empty() {
-            timeout
-        } else {
-            Some(Duration::ZERO)
-        };
+        let timeout = crate::wait_for(&self.pending, timeout);
         self.tcp.poll(events, timeout)?;
         for ev in events.iter() {
             if let Event::Left { rank, .. } = ev {

@@ -719,11 +719,7 @@ impl Transport for TcpServer {
         events: &mut Vec<Event>,
         timeout: Option<Duration>,
     ) -> Result<(), TransportError> {
-        let timeout = if self.pending.is_empty() {
-            timeout
-        } else {
-            Some(Duration::ZERO)
-        };
+        let timeout = crate::wait_for(&self.pending, timeout);
         self.arm_timer(timeout)?;
         let wait = match timeout {
             Some(d) if d.is_zero() => EpollTimeout::ZERO,
