@@ -4,23 +4,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{max_abs_diff, parse_rounds, replay, scratch, Proc};
-use hetsync::protocol::{control_frame, FrameKind, Header, Hello, HEADER_LEN};
+use common::{max_abs_diff, parse_rounds, read_frame, replay, scratch, Proc};
+use hetsync::protocol::{control_frame, FrameKind, Header, Hello};
 
 const DIM: usize = 1 << 22;
-
-fn read_frame(s: &mut TcpStream) -> (Header, Vec<u8>) {
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h).unwrap();
-    let h = Header::decode(&h).unwrap();
-    let mut p = vec![0u8; h.len as usize];
-    s.read_exact(&mut p).unwrap();
-    (h, p)
-}
 
 #[test]
 fn dribbling_and_non_reading_peers_do_not_stall_training_or_tear_models() {

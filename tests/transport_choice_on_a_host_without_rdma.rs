@@ -70,8 +70,8 @@ fn auto_falls_back_to_tcp_saying_why_and_rdma_fails_clearly() {
 
 #[test]
 fn a_tcp_server_declines_an_rdma_offer_before_any_model_goes_out() {
-    use hetsync::protocol::{control_frame, FrameKind, Header, Hello, RdmaParams, HEADER_LEN};
-    use std::io::{Read, Write};
+    use hetsync::protocol::{control_frame, FrameKind, Header, Hello, RdmaParams};
+    use std::io::Write;
 
     let (mut server, addr) = Proc::server(&[
         "--workers",
@@ -85,14 +85,7 @@ fn a_tcp_server_declines_an_rdma_offer_before_any_model_goes_out() {
     ]);
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(common::HANG)).unwrap();
-    let next = |s: &mut std::net::TcpStream| {
-        let mut h = [0u8; HEADER_LEN];
-        s.read_exact(&mut h).unwrap();
-        let h = Header::decode(&h).unwrap();
-        let mut p = vec![0u8; h.len as usize];
-        s.read_exact(&mut p).unwrap();
-        (h, p)
-    };
+    let next = common::read_frame;
     let hello = Hello {
         rank: 0,
         workers: 1,

@@ -267,12 +267,23 @@ impl<M: RegisteredMemory> MemoryRegion<M> {
         self.mem.addr_len()
     }
 
+    /// The address where `range` of this region starts.
+    ///
+    /// # Panics
+    /// If `range` reaches past the region.
+    pub fn address_of(&self, range: &std::ops::Range<usize>) -> u64 {
+        let (addr, len) = self.addr_len();
+        assert!(
+            range.end <= len,
+            "range {range:?} outside the region of {len} bytes"
+        );
+        addr as u64 + range.start as u64
+    }
+
     /// What a peer needs to write into `range` of this region.
     pub fn remote(&self, range: std::ops::Range<usize>) -> RemoteBuffer {
-        let (addr, len) = self.addr_len();
-        assert!(range.end <= len, "range {range:?} outside the region");
         RemoteBuffer {
-            addr: addr as u64 + range.start as u64,
+            addr: self.address_of(&range),
             len: range.len() as u64,
             rkey: self.rkey(),
         }

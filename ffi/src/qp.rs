@@ -312,10 +312,8 @@ fn scatter_entry<M: RegisteredMemory>(
     local: &MemoryRegion<M>,
     range: std::ops::Range<usize>,
 ) -> ibv_sge {
-    let (addr, len) = local.addr_len();
-    assert!(range.end <= len, "range {range:?} outside the local region");
     ibv_sge {
-        addr: addr as u64 + range.start as u64,
+        addr: local.address_of(&range),
         length: range.len() as u32,
         lkey: local.lkey(),
     }

@@ -195,3 +195,14 @@ pub fn replay(rounds: &[Round], workers: u32, dim: usize, lr: f64) -> Vec<f32> {
     }
     m.iter().map(|&x| x as f32).collect()
 }
+
+/// Reads one whole frame (header and payload) from a raw protocol connection.
+pub fn read_frame(s: &mut std::net::TcpStream) -> (hetsync::protocol::Header, Vec<u8>) {
+    use std::io::Read;
+    let mut h = [0u8; hetsync::protocol::HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let h = hetsync::protocol::Header::decode(&h).unwrap();
+    let mut p = vec![0u8; h.len as usize];
+    s.read_exact(&mut p).unwrap();
+    (h, p)
+}

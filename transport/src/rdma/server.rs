@@ -2,6 +2,7 @@
 //! RDMA worker whose receive completions (one per pushed gradient) wake the same epoll loop
 //! through the completion channel. Workers that did not ask for RDMA keep using TCP.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hetsync_ffi::{
@@ -35,6 +36,8 @@ struct Peer {
 /// owns the registered memory.
 pub struct RdmaServer {
     peers: Vec<Option<Peer>>,
+    /// Queue pair number -> rank, for the receive completions of pushes.
+    by_qpn: HashMap<u32, Rank>,
     model_mrs: Vec<MemoryRegion<ExternalMemory>>,
     send_cq: CompletionQueue,
     recv_cq: CompletionQueue,
@@ -92,6 +95,7 @@ impl RdmaServer {
         }
         Ok(Self {
             peers: (0..cfg.workers).map(|_| None).collect(),
+            by_qpn: HashMap::new(),
             model_mrs,
             send_cq,
             recv_cq,
@@ -183,6 +187,8 @@ impl RdmaServer {
         self.tcp
             .send_control(rank, FrameKind::RdmaConnect, &reply.encode());
         self.tcp.complete_join(rank);
+        self.remove_peer(rank);
+        self.by_qpn.insert(qp.qpn(), rank);
         self.peers[rank as usize] = Some(Peer {
             qp,
             slots,
@@ -198,22 +204,26 @@ impl RdmaServer {
         Ok(())
     }
 
-    fn rank_of_qp(&self, qpn: u32) -> Option<Rank> {
-        self.peers
-            .iter()
-            .position(|p| p.as_ref().is_some_and(|p| p.qp.qpn() == qpn))
-            .map(|r| r as Rank)
+    /// Tears down worker `rank`'s queue pair and registrations (the one place a peer goes).
+    fn remove_peer(&mut self, rank: Rank) -> bool {
+        match self.peers[rank as usize].take() {
+            Some(peer) => {
+                self.by_qpn.remove(&peer.qp.qpn());
+                true
+            }
+            None => false,
+        }
     }
 
     /// Drops worker `rank`'s queue pair and registrations, and its control connection.
     fn drop_peer(&mut self, rank: Rank, why: &str) {
-        if self.peers[rank as usize].take().is_some() {
+        if self.remove_peer(rank) {
             self.tcp.disconnect(rank, why);
         }
     }
 
     fn on_recv(&mut self, c: Completion) {
-        let Some(rank) = self.rank_of_qp(c.qp_num) else {
+        let Some(&rank) = self.by_qpn.get(&c.qp_num) else {
             return; // a late completion of a peer already dropped
         };
         let peer = self.peers[rank as usize].as_mut().expect("found by qpn");
@@ -320,13 +330,13 @@ impl Transport for RdmaServer {
         self.tcp.poll(events, timeout)?;
         for ev in events.iter() {
             if let Event::Left { rank, .. } = ev {
-                self.peers[*rank as usize] = None;
+                self.remove_peer(*rank);
             }
         }
         for (rank, payload) in self.tcp.take_rdma_requests() {
             if let Err(why) = self.accept(rank, &payload) {
                 // The worker goes on over TCP if it may (auto); one that insists on RDMA leaves.
-                self.peers[rank as usize] = None;
+                self.remove_peer(rank);
                 self.pending.push(Event::Refused {
                     peer: format!("worker {rank}"),
                     reason: format!("RDMA setup failed, offering TCP instead: {why}"),
@@ -371,7 +381,7 @@ impl Transport for RdmaServer {
     }
 
     fn disconnect(&mut self, rank: Rank, why: &str) {
-        self.peers[rank as usize] = None;
+        self.remove_peer(rank);
         self.tcp.disconnect(rank, why);
     }
 
@@ -379,6 +389,8 @@ impl Transport for RdmaServer {
         // Let model writes finish, then say goodbye over the control connections.
         let _ = self.region_mut();
         self.tcp.shutdown(grace);
-        self.peers.iter_mut().for_each(|p| *p = None);
+        for rank in 0..self.peers.len() as Rank {
+            self.remove_peer(rank);
+        }
     }
 }
