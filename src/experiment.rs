@@ -91,7 +91,8 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
     let (server, _) = Server::bind(ServerConfig {
         listen,
         workers: trial.workers as usize,
-        dim: trial.dim,
+        dims: vec![trial.dim],
+        partition_bytes: crate::server::DEFAULT_PARTITION_BYTES,
         mode: trial.mode,
         lr: trial.lr,
         rounds: None,
@@ -99,6 +100,7 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
         progress: None,
         log_events: false,
         round_log: None,
+        save_model: None,
         transport: Choice::Tcp,
         rdma: RdmaSelect::default(),
     })?;
@@ -114,7 +116,7 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
                     server: addr.clone(),
                     rank,
                     workers: trial.workers,
-                    dim: trial.dim,
+                    dims: vec![trial.dim],
                     rounds: None,
                     compute: trial.compute,
                     straggle: (rank < stragglers).then_some(trial.straggle),
@@ -125,8 +127,7 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
                 };
                 let stop = &stop;
                 s.spawn(move || {
-                    worker::connect(&cfg)
-                        .and_then(|(mut link, _)| worker::run(&cfg, &mut link, stop))
+                    worker::connect(&cfg).and_then(|client| worker::run(&cfg, client, stop))
                 })
             })
             .collect();

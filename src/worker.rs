@@ -1,17 +1,18 @@
-//! A simulated worker with a real objective, so results can be checked in closed form.
+//! A simulated worker with a real objective, so results can be checked in closed form, on top of
+//! the worker API ([`crate::client`]).
 //!
-//! Worker `r` minimises `0.5 * |model - target_r|^2`: its gradient is `model - target_r`, with a
-//! fixed target per rank drawn from a seeded generator ([`target`]). Averaged over all workers the
-//! model converges to the mean target; with SGD at rate `lr` and every worker in every round,
-//! after `k` rounds from zero it is exactly `mean * (1 - (1 - lr)^k)`.
+//! Worker `r` minimises `0.5 * |model_k - target_{r,k}|^2` for every tensor `k`: its gradient is
+//! `model_k - target_{r,k}`, with a fixed target per rank and tensor drawn from a seeded generator
+//! ([`target`]). Averaged over all workers each tensor converges to its mean target; with SGD at
+//! rate `lr` and every worker in every round, after `n` rounds from zero it is exactly
+//! `mean * (1 - (1 - lr)^n)`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use hetsync_transport::any::{AnyLink, Choice, RdmaSelect};
-use hetsync_transport::protocol::Hello;
-use hetsync_transport::{Incoming, LinkError, WorkerLink};
+use hetsync_transport::any::{Choice, RdmaSelect};
 
+use crate::client::{Client, ConnectOptions, LinkError, Status};
 use crate::Rank;
 
 /// How a simulated worker runs.
@@ -23,8 +24,8 @@ pub struct WorkerConfig {
     pub rank: Rank,
     /// Workers in the job, when known (0: let the server check the rank).
     pub workers: u32,
-    /// Elements (f32) of the model.
-    pub dim: usize,
+    /// Elements (f32) of each tensor, in key order.
+    pub dims: Vec<usize>,
     /// Stop after this many pushes (else run until the server says goodbye).
     pub rounds: Option<u64>,
     /// Simulated compute time per step.
@@ -44,17 +45,20 @@ pub struct WorkerConfig {
 /// What a worker did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerReport {
-    /// Gradients pushed.
+    /// Steps taken (each pushes every tensor).
     pub pushes: u64,
-    /// Round of the last model received.
+    /// Round of the last model received (the oldest over tensors).
     pub last_round: u64,
     /// Whether the server ended the run (rather than the worker's own round limit or `stop`).
     pub server_finished: bool,
 }
 
-/// The target vector of worker `rank`: `dim` values in [-1, 1), fixed by `seed`.
-pub fn target(rank: Rank, dim: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed ^ (u64::from(rank) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+/// The target of worker `rank` for tensor `key`: `dim` values in [-1, 1), fixed by `seed`.
+pub fn target(rank: Rank, key: usize, dim: usize, seed: u64) -> Vec<f32> {
+    // Tensor 0 keeps the stream a one-tensor job always had.
+    let mut state = seed
+        ^ (u64::from(rank) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ (key as u64).wrapping_mul(0xd1b5_4a32_d192_ed03);
     (0..dim)
         .map(|_| {
             // splitmix64
@@ -68,11 +72,12 @@ pub fn target(rank: Rank, dim: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// The mean of the targets of ranks `0..workers`: where the model converges when everyone takes part.
-pub fn mean_target(workers: u32, dim: usize, seed: u64) -> Vec<f32> {
+/// The mean of the targets of ranks `0..workers` for tensor `key`: where it converges when
+/// everyone takes part.
+pub fn mean_target(workers: u32, key: usize, dim: usize, seed: u64) -> Vec<f32> {
     let mut sum = vec![0f64; dim];
     for r in 0..workers {
-        for (s, t) in sum.iter_mut().zip(target(r, dim, seed)) {
+        for (s, t) in sum.iter_mut().zip(target(r, key, dim, seed)) {
             *s += f64::from(t);
         }
     }
@@ -81,60 +86,63 @@ pub fn mean_target(workers: u32, dim: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Connects to the server over the transport `cfg` chooses; returns the link and a line saying
-/// which transport it uses and why.
-pub fn connect(cfg: &WorkerConfig) -> Result<(AnyLink, String), LinkError> {
-    let hello = Hello {
+/// Connects to the server over the transport `cfg` chooses (the line saying which, and why, is
+/// [`Client::transport`]).
+pub fn connect(cfg: &WorkerConfig) -> Result<Client, LinkError> {
+    Client::connect(&ConnectOptions {
+        server: cfg.server.clone(),
         rank: cfg.rank,
         workers: cfg.workers,
-        dims: vec![cfg.dim as u64],
-        rdma: false,
-    };
-    AnyLink::connect(
-        &cfg.server,
-        &hello,
-        cfg.connect_wait,
-        cfg.transport,
-        &cfg.rdma,
-    )
+        dims: cfg.dims.clone(),
+        connect_wait: cfg.connect_wait,
+        transport: cfg.transport,
+        rdma: cfg.rdma.clone(),
+    })
 }
 
-/// Runs the worker loop over any link: wait for the model, compute, push, repeat.
-pub fn run<L: WorkerLink>(
+/// Runs the worker loop: wait for the models, compute every tensor's gradient, push them all
+/// (pipelined), repeat.
+pub fn run(
     cfg: &WorkerConfig,
-    link: &mut L,
+    mut client: Client,
     stop: &AtomicBool,
 ) -> Result<WorkerReport, LinkError> {
-    let target = target(cfg.rank, cfg.dim, cfg.seed);
+    let targets: Vec<Vec<f32>> = cfg
+        .dims
+        .iter()
+        .enumerate()
+        .map(|(k, &d)| target(cfg.rank, k, d, cfg.seed))
+        .collect();
     let compute = cfg.straggle.unwrap_or(cfg.compute);
     let mut report = WorkerReport::default();
-    let Incoming::Model { round, .. } = link.wait_model()? else {
+    let last_round = |c: &Client| (0..targets.len()).map(|k| c.round(k)).min().unwrap_or(0);
+    if client.wait_all()? == Status::Shutdown {
         report.server_finished = true;
         return Ok(report);
-    };
-    report.last_round = round;
+    }
+    report.last_round = last_round(&client);
     loop {
         if cfg.rounds.is_some_and(|k| report.pushes >= k) || stop.load(Ordering::Relaxed) {
-            link.bye()?;
+            client.bye()?;
             return Ok(report);
         }
         if !compute.is_zero() {
             std::thread::sleep(compute);
         }
-        // The gradient of 0.5 * |model - target|^2, written straight into the link's buffer.
-        let (model, grad) = link.model_and_gradient(0);
-        for ((g, m), t) in grad.iter_mut().zip(model).zip(&target) {
-            *g = m - t;
-        }
-        link.push(0, report.last_round)?;
-        report.pushes += 1;
-        match link.wait_model()? {
-            Incoming::Model { round, .. } => report.last_round = round,
-            Incoming::Shutdown => {
-                report.server_finished = true;
-                return Ok(report);
+        // The gradient of 0.5 * |model - target|^2, written straight into the link's buffers.
+        for (k, target) in targets.iter().enumerate() {
+            let (model, grad) = client.tensor(k);
+            for ((g, m), t) in grad.iter_mut().zip(model).zip(target) {
+                *g = m - t;
             }
         }
+        let status = client.step()?;
+        report.pushes += 1;
+        if status == Status::Shutdown {
+            report.server_finished = true;
+            return Ok(report);
+        }
+        report.last_round = last_round(&client);
     }
 }
 
@@ -144,10 +152,11 @@ mod tests {
 
     #[test]
     fn targets_are_fixed_by_seed_and_rank_and_bounded() {
-        assert_eq!(target(1, 100, 7), target(1, 100, 7));
-        assert_ne!(target(1, 100, 7), target(2, 100, 7));
-        assert_ne!(target(1, 100, 7), target(1, 100, 8));
-        let t = target(3, 10_000, 42);
+        assert_eq!(target(1, 0, 100, 7), target(1, 0, 100, 7));
+        assert_ne!(target(1, 0, 100, 7), target(2, 0, 100, 7));
+        assert_ne!(target(1, 0, 100, 7), target(1, 0, 100, 8));
+        assert_ne!(target(1, 0, 100, 7), target(1, 1, 100, 7));
+        let t = target(3, 2, 10_000, 42);
         assert!(t.iter().all(|x| (-1.0..1.0).contains(x)));
         let mean = t.iter().map(|&x| f64::from(x)).sum::<f64>() / t.len() as f64;
         assert!(mean.abs() < 0.05, "targets are not centred: {mean}");

@@ -28,7 +28,9 @@ impl Raw {
             rdma: false,
         };
         raw.send(&control_frame(FrameKind::Hello, 0, 0, &hello.encode()));
-        assert_eq!(raw.header().kind, FrameKind::Welcome);
+        let h = raw.header();
+        assert_eq!(h.kind, FrameKind::Welcome);
+        raw.payload(&h);
         raw
     }
 

@@ -37,7 +37,7 @@ fn naive_policy_reaches_the_closed_form_and_the_mean_target() {
     assert!(log.contains("mean participants 4.00/4"), "{log}");
 
     let got = read_model(&model);
-    let mean = mean_target(workers, dim, 1);
+    let mean = mean_target(workers, 0, dim, 1);
     let decay = 1.0 - (1.0 - lr).powi(rounds as i32);
     let closed: Vec<f32> = mean.iter().map(|m| m * decay).collect();
     assert!(

@@ -22,6 +22,9 @@ fn dribbling_and_non_reading_peers_do_not_stall_training_or_tear_models() {
         "3",
         "--dim",
         &DIM.to_string(),
+        // One part: this hand-driven peer speaks in whole tensors.
+        "--partition-kib",
+        "16384",
         "--policy",
         "timeout",
         "--timeout-ms",

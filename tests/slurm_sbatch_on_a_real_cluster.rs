@@ -173,7 +173,7 @@ fn hetsync_sbatch_runs_on_a_real_three_node_slurm() {
     assert!(out.contains("transport: tcp"), "{out}");
     assert!(out.contains("finished: 20 rounds"), "{out}");
     assert!(out.contains("hetsync.sbatch: done"), "{out}");
-    let mean = mean_target(2, 1000, 1);
+    let mean = mean_target(2, 0, 1000, 1);
     let closed: Vec<f32> = mean.iter().map(|m| m * (1.0 - 0.5f32.powi(20))).collect();
     let got = read_model(&model);
     assert!(

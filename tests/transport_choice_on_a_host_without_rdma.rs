@@ -100,7 +100,9 @@ fn a_tcp_server_declines_an_rdma_offer_before_any_model_goes_out() {
         psn: 2,
         lid: 0,
         gid: [0; 16],
-        buffers: vec![(4096, 32, 7)],
+        addr: 4096,
+        len: 32,
+        rkey: 7,
     };
     s.write_all(&control_frame(
         FrameKind::RdmaConnect,

@@ -242,7 +242,7 @@ impl QueuePair {
         local: &MemoryRegion<M>,
         range: std::ops::Range<usize>,
     ) -> Result<(), VerbsError> {
-        let mut sge = scatter_entry(local, range);
+        let mut sge = scatter_entry(local, range, &self.device)?;
         // SAFETY: plain data; one scatter entry set below.
         let mut wr: ibv_recv_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -272,7 +272,7 @@ impl QueuePair {
         range: std::ops::Range<usize>,
         remote: Option<(RemoteBuffer, u64)>,
     ) -> Result<(), VerbsError> {
-        let mut sge = scatter_entry(local, range);
+        let mut sge = scatter_entry(local, range, &self.device)?;
         // SAFETY: plain data; the fields the opcode needs are set below.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -307,16 +307,24 @@ impl QueuePair {
     }
 }
 
-/// The scatter/gather entry for `local[range]`.
+/// The scatter/gather entry for `local[range]`; a range of 4 GiB or more does not fit one
+/// (its length is 32 bits) and is refused rather than truncated.
 fn scatter_entry<M: RegisteredMemory>(
     local: &MemoryRegion<M>,
     range: std::ops::Range<usize>,
-) -> ibv_sge {
-    ibv_sge {
+    device: &str,
+) -> Result<ibv_sge, VerbsError> {
+    let length = u32::try_from(range.len()).map_err(|_| VerbsError::Call {
+        op: format!("a work request of {} bytes", range.len()),
+        device: device.to_string(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        hint: " (one scatter/gather entry carries less than 4 GiB: send it in parts)",
+    })?;
+    Ok(ibv_sge {
         addr: local.address_of(&range),
-        length: range.len() as u32,
+        length,
         lkey: local.lkey(),
-    }
+    })
 }
 
 impl Drop for QueuePair {

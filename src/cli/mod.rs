@@ -30,8 +30,8 @@ pub type CliError = Box<dyn Error + Send + Sync>;
     propagate_version = true,
     after_help = "Examples:
   hetsync demo                                   # the straggler experiment on loopback
-  hetsync server --listen 0.0.0.0:7700 --workers 4 --dim 1048576
-  hetsync worker --server node1:7700 --rank 0 --dim 1048576
+  hetsync server --listen 0.0.0.0:7700 --workers 4 --dims 1048576,1024,10
+  hetsync worker --server node1:7700 --rank 0 --dims 1048576,1024,10
   hetsync bench stragglers --seconds 3 --json out.json --plot out.png"
 )]
 pub struct Cli {
@@ -116,6 +116,41 @@ impl TransportArgs {
     }
 }
 
+/// The tensors of the job, shared by the server and the worker.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct ModelArgs {
+    /// Elements (f32) of each tensor, comma separated, in key order (a model's layers, say).
+    /// Must be the same on the server and every worker.
+    #[arg(long, value_name = "D1,D2,...", value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
+    dims: Option<Vec<u64>>,
+    /// Elements (f32) of a one-tensor model: the same as --dims D.
+    #[arg(long, value_name = "D", value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
+    dim: Option<u64>,
+}
+
+impl ModelArgs {
+    fn dims(&self) -> Result<Vec<usize>, CliError> {
+        let dims = self
+            .dims
+            .clone()
+            .or(self.dim.map(|d| vec![d]))
+            .unwrap_or_default();
+        if dims.len() > hetsync_transport::protocol::MAX_TENSORS {
+            return Err(format!(
+                "--dims lists {} tensors; a job may have at most {}",
+                dims.len(),
+                hetsync_transport::protocol::MAX_TENSORS
+            )
+            .into());
+        }
+        Ok(dims
+            .into_iter()
+            .map(usize::try_from)
+            .collect::<Result<_, _>>()?)
+    }
+}
+
 impl Policy {
     fn mode(self, timeout_ms: f64) -> BarrierMode {
         match self {
@@ -129,6 +164,7 @@ impl Policy {
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   hetsync server --workers 4 --dim 1048576
+  hetsync server --workers 4 --dims 1048576,1024,10 --partition-kib 1024
   hetsync server --listen 127.0.0.1:0 --workers 2 --dim 1000 --policy naive --rounds 100
   hetsync server --workers 8 --dim 4096 --timeout-ms 5 --round-log rounds.jsonl --save-model model.f32")]
 struct ServerArgs {
@@ -139,9 +175,12 @@ struct ServerArgs {
     /// HETSYNC_WORKERS for the server step.
     #[arg(long, value_name = "N", env = "HETSYNC_WORKERS", value_parser = clap::value_parser!(u32).range(1..=65536))]
     workers: u32,
-    /// Elements (f32) of the model.
-    #[arg(long, value_name = "D", value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
-    dim: u64,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Largest part a tensor travels and synchronises in, in KiB: the server sums one part while
+    /// the next is still arriving and answers each at once. Told to workers in the handshake.
+    #[arg(long, value_name = "P", default_value_t = (crate::server::DEFAULT_PARTITION_BYTES / 1024) as u32, value_parser = clap::value_parser!(u32).range(1..=(1 << 20)))]
+    partition_kib: u32,
     /// When a round closes.
     #[arg(long, value_enum, default_value_t = Policy::Timeout)]
     policy: Policy,
@@ -151,7 +190,7 @@ struct ServerArgs {
     /// SGD learning rate.
     #[arg(long, default_value_t = 0.1, value_name = "X")]
     lr: f32,
-    /// Stop after R rounds and exit 0.
+    /// Stop after every tensor has closed R rounds, and exit 0.
     #[arg(long, value_name = "R")]
     rounds: Option<u64>,
     /// Seconds between progress lines (0: none).
@@ -160,10 +199,12 @@ struct ServerArgs {
     /// Do not log joins, departures and refusals.
     #[arg(long, short)]
     quiet: bool,
-    /// Write one JSON line per closed round (participants, cause, time) to FILE.
+    /// Write one JSON line per closed round of each tensor (key, participants, cause, time) to
+    /// FILE.
     #[arg(long, value_name = "FILE")]
     round_log: Option<PathBuf>,
-    /// Write the final model to FILE as raw little-endian f32 (numpy.fromfile(FILE, "<f4")).
+    /// Write the final model to FILE: every tensor in key order, raw little-endian f32
+    /// (numpy.fromfile(FILE, "<f4")), through a temporary file renamed over FILE.
     #[arg(long, value_name = "FILE")]
     save_model: Option<PathBuf>,
     #[command(flatten)]
@@ -174,6 +215,7 @@ struct ServerArgs {
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   hetsync worker --server 127.0.0.1:7700 --rank 0 --dim 1048576
+  hetsync worker --server 127.0.0.1:7700 --rank 1 --dims 1048576,1024,10
   hetsync worker --server node1:7700 --rank 3 --dim 1048576 --straggle-ms 200 --rounds 100
   srun -n 4 hetsync worker --server node1:7700 --dim 1048576    # ranks from Slurm")]
 struct WorkerArgs {
@@ -183,9 +225,8 @@ struct WorkerArgs {
     /// This worker's rank, 0..N-1. Under `srun`, Slurm's task rank is used when absent.
     #[arg(long, value_name = "R", env = "SLURM_PROCID")]
     rank: u32,
-    /// Elements (f32) of the model; must match the server's --dim.
-    #[arg(long, value_name = "D", value_parser = clap::value_parser!(u64).range(1..=(1u64 << 32)))]
-    dim: u64,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Number of workers in the job, checked against the server's when given. Under `srun`,
     /// Slurm's task count is used when absent.
     #[arg(long, value_name = "N", env = "SLURM_NTASKS")]
@@ -343,6 +384,11 @@ mod tests {
     #[test]
     fn timeouts_must_be_positive() {
         let server = "hetsync server --workers 2 --dim 4";
+        assert!(parses("hetsync server --workers 2 --dims 4,5,6"));
+        assert!(!parses("hetsync server --workers 2 --dims 4 --dim 4"));
+        assert!(!parses("hetsync server --workers 2"));
+        assert!(!parses("hetsync server --workers 2 --dims 4,0"));
+        assert!(!parses(&format!("{server} --partition-kib 0")));
         assert!(!parses(&format!("{server} --timeout-ms 0")));
         assert!(parses(&format!("{server} --timeout-ms 0.5")));
         let worker = "hetsync worker --server x:1 --rank 0 --dim 4";

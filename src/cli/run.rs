@@ -1,7 +1,5 @@
 //! `hetsync server` and `hetsync worker`.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -15,7 +13,8 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
     let (server, why) = Server::bind(ServerConfig {
         listen: a.listen,
         workers: a.workers as usize,
-        dim: usize::try_from(a.dim)?,
+        dims: a.model.dims()?,
+        partition_bytes: a.partition_kib as usize * 1024,
         mode,
         lr: a.lr,
         rounds: a.rounds,
@@ -23,6 +22,7 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         progress: (a.progress > 0.0).then(|| Duration::from_secs_f64(a.progress)),
         log_events: !a.quiet,
         round_log: a.round_log.clone(),
+        save_model: a.save_model.clone(),
         transport: a.transport.transport.into(),
         rdma: a.transport.rdma(),
     })?;
@@ -32,11 +32,16 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
     };
     // Always printed, even with --quiet: scripts read the port and the transport from these.
     eprintln!("hetsync server: transport {why}");
+    let dims = a.model.dims()?;
+    let tensors = match dims.len() {
+        1 => format!("{} floats", dims[0]),
+        n => format!("{n} tensors, {} floats", dims.iter().sum::<usize>()),
+    };
     eprintln!(
-        "hetsync server: listening on {} | {} workers | {} floats | policy {policy} | lr {}",
+        "hetsync server: listening on {} | {} workers | {tensors} | parts of at most {} KiB | policy {policy} | lr {}",
         server.local_addr(),
         a.workers,
-        a.dim,
+        a.partition_kib,
         a.lr
     );
     let report = server.run(&signals::STOP)?;
@@ -64,12 +69,6 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         s.refused,
     );
     if let Some(path) = &a.save_model {
-        let write = || -> std::io::Result<()> {
-            let mut f = BufWriter::new(File::create(path)?);
-            f.write_all(bytemuck::cast_slice(&report.model))?;
-            f.flush()
-        };
-        write().map_err(|e| format!("saving the model to {}: {e}", path.display()))?;
         eprintln!("hetsync server: model saved to {}", path.display());
     }
     Ok(())
@@ -80,7 +79,7 @@ pub(super) fn worker(a: WorkerArgs) -> Result<(), CliError> {
         server: a.server.clone(),
         rank: a.rank,
         workers: a.workers.unwrap_or(0),
-        dim: usize::try_from(a.dim)?,
+        dims: a.model.dims()?,
         rounds: a.rounds,
         compute: Duration::from_secs_f64(a.compute_ms / 1e3),
         straggle: a.straggle_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
@@ -90,11 +89,15 @@ pub(super) fn worker(a: WorkerArgs) -> Result<(), CliError> {
         rdma: a.transport.rdma(),
     };
     let stop = AtomicBool::new(false);
-    let (mut link, why) = worker::connect(&cfg)?;
+    let client = worker::connect(&cfg)?;
     if !a.quiet {
-        eprintln!("hetsync worker {}: transport {why}", a.rank);
+        eprintln!(
+            "hetsync worker {}: transport {}",
+            a.rank,
+            client.transport()
+        );
     }
-    let report = worker::run(&cfg, &mut link, &stop)?;
+    let report = worker::run(&cfg, client, &stop)?;
     if !a.quiet {
         eprintln!(
             "hetsync worker {}: finished: {} pushes, last model from round {} ({})",

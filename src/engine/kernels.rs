@@ -1,5 +1,6 @@
-//! Fused gradient-sum kernels: `dst[i] += alpha * (src_0[i] + src_1[i] + ... + src_k[i])` in one
-//! pass over memory, with the widest SIMD the CPU offers, chosen at run time.
+//! Fused gradient-sum kernels: `dst[i] = base[i] + alpha * (src_0[i] + ... + src_k[i])` in one
+//! pass over memory (in place, `base` is `dst`), with the widest SIMD the CPU offers, chosen at
+//! run time.
 //!
 //! Every kernel adds in the same order (sources left to right, then one multiply, then one add; no
 //! FMA), so all of them give bit-identical results: a model does not depend on which CPU summed it.
@@ -59,19 +60,37 @@ impl Kernel {
     /// If a source's length differs from `dst`'s, or this CPU lacks the kernel's instructions
     /// (only kernels from [`Kernel::available`] may be used).
     pub fn sum_scaled_into(self, dst: &mut [f32], srcs: &[&[f32]], alpha: f32) {
+        self.run(dst, None, srcs, alpha);
+    }
+
+    /// `dst[i] = base[i] + alpha * sum_j srcs[j][i]` for every `i`: an update written out of
+    /// place (the model's next version from the current one), bit-identical to
+    /// [`sum_scaled_into`](Self::sum_scaled_into) on a copy of `base`.
+    ///
+    /// # Panics
+    /// As [`sum_scaled_into`](Self::sum_scaled_into), and if `base`'s length differs from `dst`'s.
+    pub fn sum_scaled_from(self, dst: &mut [f32], base: &[f32], srcs: &[&[f32]], alpha: f32) {
+        assert_eq!(base.len(), dst.len(), "the base has the wrong length");
+        self.run(dst, Some(base), srcs, alpha);
+    }
+
+    fn run(self, dst: &mut [f32], base: Option<&[f32]>, srcs: &[&[f32]], alpha: f32) {
         for (j, s) in srcs.iter().enumerate() {
             assert_eq!(s.len(), dst.len(), "source {j} has the wrong length");
         }
         if srcs.is_empty() {
+            if let Some(b) = base {
+                dst.copy_from_slice(b);
+            }
             return;
         }
         match self {
-            Kernel::Scalar => scalar(dst, srcs, alpha, 0),
+            Kernel::Scalar => scalar(dst, base, srcs, alpha, 0),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
                 assert!(std::arch::is_x86_feature_detected!("avx2"), "no AVX2 here");
                 // SAFETY: the CPU supports AVX2 (checked above); lengths were checked above.
-                unsafe { x86::avx2(dst, srcs, alpha) }
+                unsafe { x86::avx2(dst, base, srcs, alpha) }
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => {
@@ -80,7 +99,7 @@ impl Kernel {
                     "no AVX-512 here"
                 );
                 // SAFETY: the CPU supports AVX-512F (checked above); lengths were checked above.
-                unsafe { x86::avx512(dst, srcs, alpha) }
+                unsafe { x86::avx512(dst, base, srcs, alpha) }
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => panic!("{} is not available on this architecture", self.name()),
@@ -89,13 +108,14 @@ impl Kernel {
 }
 
 /// The reference: also the tail of the SIMD kernels, from element `from` on.
-fn scalar(dst: &mut [f32], srcs: &[&[f32]], alpha: f32, from: usize) {
-    for (i, d) in dst.iter_mut().enumerate().skip(from) {
+fn scalar(dst: &mut [f32], base: Option<&[f32]>, srcs: &[&[f32]], alpha: f32, from: usize) {
+    for i in from..dst.len() {
         let mut acc = srcs[0][i];
         for s in &srcs[1..] {
             acc += s[i];
         }
-        *d += alpha * acc;
+        let b = base.map_or(dst[i], |b| b[i]);
+        dst[i] = b + alpha * acc;
     }
 }
 
@@ -104,18 +124,22 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// The CPU must support AVX2, and every source must be as long as `dst`.
+    /// The CPU must support AVX2, and every source (and `base`) must be as long as `dst`.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn avx2(dst: &mut [f32], srcs: &[&[f32]], alpha: f32) {
+    pub(super) unsafe fn avx2(dst: &mut [f32], base: Option<&[f32]>, srcs: &[&[f32]], alpha: f32) {
         const W: usize = 8;
         const STEP: usize = 4 * W;
         let n = dst.len();
         let a = _mm256_set1_ps(alpha);
         let d = dst.as_mut_ptr();
+        // In place, the base is the destination itself.
+        let bp = base.map_or(d as *const f32, <[f32]>::as_ptr);
         let mut i = 0;
         while i + STEP <= n {
-            // SAFETY: i + STEP <= n and every source has n elements, so all loads and stores
-            // below are in bounds; unaligned load/store intrinsics accept any address.
+            // SAFETY: i + STEP <= n and every source and the base have n elements, so all loads
+            // and stores below are in bounds; unaligned load/store intrinsics accept any address;
+            // `dst` is exclusively borrowed and `base` is either `dst` itself or a shared slice
+            // that cannot overlap it.
             unsafe {
                 let p = srcs[0].as_ptr().add(i);
                 let mut x0 = _mm256_loadu_ps(p);
@@ -129,33 +153,42 @@ mod x86 {
                     x2 = _mm256_add_ps(x2, _mm256_loadu_ps(p.add(2 * W)));
                     x3 = _mm256_add_ps(x3, _mm256_loadu_ps(p.add(3 * W)));
                 }
-                let q = d.add(i);
-                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), _mm256_mul_ps(a, x0)));
-                let q = q.add(W);
-                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), _mm256_mul_ps(a, x1)));
-                let q = q.add(W);
-                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), _mm256_mul_ps(a, x2)));
-                let q = q.add(W);
-                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(q), _mm256_mul_ps(a, x3)));
+                let (q, b) = (d.add(i), bp.add(i));
+                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(b), _mm256_mul_ps(a, x0)));
+                let (q, b) = (q.add(W), b.add(W));
+                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(b), _mm256_mul_ps(a, x1)));
+                let (q, b) = (q.add(W), b.add(W));
+                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(b), _mm256_mul_ps(a, x2)));
+                let (q, b) = (q.add(W), b.add(W));
+                _mm256_storeu_ps(q, _mm256_add_ps(_mm256_loadu_ps(b), _mm256_mul_ps(a, x3)));
             }
             i += STEP;
         }
-        super::scalar(dst, srcs, alpha, i);
+        super::scalar(dst, base, srcs, alpha, i);
     }
 
     /// # Safety
-    /// The CPU must support AVX-512F, and every source must be as long as `dst`.
+    /// The CPU must support AVX-512F, and every source (and `base`) must be as long as `dst`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512(dst: &mut [f32], srcs: &[&[f32]], alpha: f32) {
+    pub(super) unsafe fn avx512(
+        dst: &mut [f32],
+        base: Option<&[f32]>,
+        srcs: &[&[f32]],
+        alpha: f32,
+    ) {
         const W: usize = 16;
         const STEP: usize = 4 * W;
         let n = dst.len();
         let a = _mm512_set1_ps(alpha);
         let d = dst.as_mut_ptr();
+        // In place, the base is the destination itself.
+        let bp = base.map_or(d as *const f32, <[f32]>::as_ptr);
         let mut i = 0;
         while i + STEP <= n {
-            // SAFETY: i + STEP <= n and every source has n elements, so all loads and stores
-            // below are in bounds; unaligned load/store intrinsics accept any address.
+            // SAFETY: i + STEP <= n and every source and the base have n elements, so all loads
+            // and stores below are in bounds; unaligned load/store intrinsics accept any address;
+            // `dst` is exclusively borrowed and `base` is either `dst` itself or a shared slice
+            // that cannot overlap it.
             unsafe {
                 let p = srcs[0].as_ptr().add(i);
                 let mut x0 = _mm512_loadu_ps(p);
@@ -169,18 +202,18 @@ mod x86 {
                     x2 = _mm512_add_ps(x2, _mm512_loadu_ps(p.add(2 * W)));
                     x3 = _mm512_add_ps(x3, _mm512_loadu_ps(p.add(3 * W)));
                 }
-                let q = d.add(i);
-                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(q), _mm512_mul_ps(a, x0)));
-                let q = q.add(W);
-                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(q), _mm512_mul_ps(a, x1)));
-                let q = q.add(W);
-                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(q), _mm512_mul_ps(a, x2)));
-                let q = q.add(W);
-                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(q), _mm512_mul_ps(a, x3)));
+                let (q, b) = (d.add(i), bp.add(i));
+                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(b), _mm512_mul_ps(a, x0)));
+                let (q, b) = (q.add(W), b.add(W));
+                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(b), _mm512_mul_ps(a, x1)));
+                let (q, b) = (q.add(W), b.add(W));
+                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(b), _mm512_mul_ps(a, x2)));
+                let (q, b) = (q.add(W), b.add(W));
+                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(b), _mm512_mul_ps(a, x3)));
             }
             i += STEP;
         }
-        super::scalar(dst, srcs, alpha, i);
+        super::scalar(dst, base, srcs, alpha, i);
     }
 }
 
@@ -210,11 +243,19 @@ mod tests {
         for kernel in Kernel::available() {
             let mut got = init.clone();
             kernel.sum_scaled_into(&mut got, &views, alpha);
-            let same = got
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{} differs from scalar at n={n} k={k}", kernel.name());
+            let mut out_of_place = vec![f32::NAN; n];
+            kernel.sum_scaled_from(&mut out_of_place, &init, &views, alpha);
+            for (what, got) in [("in place", &got), ("out of place", &out_of_place)] {
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{} {what} differs from scalar at n={n} k={k}",
+                    kernel.name()
+                );
+            }
         }
     }
 

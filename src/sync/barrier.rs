@@ -10,8 +10,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::{Action, CloseCause, SyncError};
-use crate::Rank;
+use super::{Action, CloseCause, Policy, SyncError};
+use crate::{Clock, Rank};
 
 /// When a round may close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,24 +55,62 @@ impl Barrier {
         }
     }
 
+    fn maybe_close(&mut self, now: Instant) {
+        if self.n_arrived == 0 {
+            return;
+        }
+        let everyone = self
+            .member
+            .iter()
+            .zip(&self.arrived)
+            .all(|(&m, &a)| !m || a);
+        let cause = if everyone {
+            CloseCause::AllArrived
+        } else if self.deadline.is_some_and(|d| now >= d) {
+            CloseCause::Timeout
+        } else {
+            return;
+        };
+        let participants: Vec<Rank> = (0..self.arrived.len())
+            .filter(|&w| self.arrived[w])
+            .map(|w| w as Rank)
+            .collect();
+        let missing = self.members() - participants.len();
+        self.actions.push_back(Action::CloseRound {
+            round: self.round,
+            participants: participants.clone(),
+            missing,
+            cause,
+        });
+        self.round += 1;
+        self.arrived.iter_mut().for_each(|a| *a = false);
+        self.n_arrived = 0;
+        self.deadline = None;
+        for rank in participants {
+            self.actions.push_back(Action::Serve { rank });
+        }
+    }
+}
+
+impl Policy for Barrier {
     /// Rounds closed so far: the version of the current model.
-    pub fn round(&self) -> u64 {
+    fn round(&self) -> Clock {
         self.round
     }
 
     /// Whether every worker has joined and rounds are running.
-    pub fn started(&self) -> bool {
+    fn started(&self) -> bool {
         self.started
     }
 
     /// Workers currently in the job.
-    pub fn members(&self) -> usize {
+    fn members(&self) -> usize {
         self.member.iter().filter(|&&m| m).count()
     }
 
     /// Worker `rank` joined. Until every worker has joined once, nobody gets the model; after
     /// that, a (re)joining worker gets the current model at once.
-    pub fn on_join(&mut self, rank: Rank, _now: Instant) {
+    fn on_join(&mut self, rank: Rank, _now: Instant) {
         let r = rank as usize;
         self.member[r] = true;
         if self.started {
@@ -87,7 +125,7 @@ impl Barrier {
 
     /// Worker `rank` left. A gradient it pushed for the current round leaves with it; the round
     /// may now be complete without it.
-    pub fn on_leave(&mut self, rank: Rank, now: Instant) {
+    fn on_leave(&mut self, rank: Rank, now: Instant) {
         let r = rank as usize;
         self.member[r] = false;
         if self.arrived[r] {
@@ -105,7 +143,7 @@ impl Barrier {
     /// A push for an earlier round is late: it is discarded and the worker gets the current model
     /// at once, so it rejoins the current round. A push the worker could not have made (before it
     /// was given a model, for a future round, twice in a round) is an error: drop the worker.
-    pub fn on_push(&mut self, rank: Rank, clock: u64, now: Instant) -> Result<(), SyncError> {
+    fn on_push(&mut self, rank: Rank, clock: Clock, now: Instant) -> Result<(), SyncError> {
         let r = rank as usize;
         if !self.member[r] {
             return Err(SyncError::NotMember { rank });
@@ -145,54 +183,17 @@ impl Barrier {
     }
 
     /// The next time [`handle_timeout`](Self::handle_timeout) must be called, if any.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    fn poll_timeout(&self) -> Option<Instant> {
         self.deadline
     }
 
     /// Fires the round timer if `now` has reached it.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    fn handle_timeout(&mut self, now: Instant) {
         self.maybe_close(now);
     }
 
     /// The next thing the server must do. Call after every event until it returns `None`.
-    #[must_use]
-    pub fn poll_action(&mut self) -> Option<Action> {
+    fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
-    }
-
-    fn maybe_close(&mut self, now: Instant) {
-        if self.n_arrived == 0 {
-            return;
-        }
-        let everyone = self
-            .member
-            .iter()
-            .zip(&self.arrived)
-            .all(|(&m, &a)| !m || a);
-        let cause = if everyone {
-            CloseCause::AllArrived
-        } else if self.deadline.is_some_and(|d| now >= d) {
-            CloseCause::Timeout
-        } else {
-            return;
-        };
-        let participants: Vec<Rank> = (0..self.arrived.len())
-            .filter(|&w| self.arrived[w])
-            .map(|w| w as Rank)
-            .collect();
-        let missing = self.members() - participants.len();
-        self.actions.push_back(Action::CloseRound {
-            round: self.round,
-            participants: participants.clone(),
-            missing,
-            cause,
-        });
-        self.round += 1;
-        self.arrived.iter_mut().for_each(|a| *a = false);
-        self.n_arrived = 0;
-        self.deadline = None;
-        for rank in participants {
-            self.actions.push_back(Action::Serve { rank });
-        }
     }
 }

@@ -148,52 +148,84 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// One line of a server's `--round-log`.
+/// One line of a server's `--round-log`: one round of one key.
 #[derive(Debug)]
 pub struct Round {
+    pub key: usize,
     pub round: u64,
     pub participants: Vec<usize>,
+    /// Workers in some parts of the key only: (rank, part indices within the key).
+    pub partial: Vec<(usize, Vec<usize>)>,
     pub cause: String,
 }
 
 pub fn parse_rounds(log: &str) -> Vec<Round> {
+    let ranks = |v: &serde_json::Value| -> Vec<usize> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap() as usize)
+            .collect()
+    };
     log.lines()
         .map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             Round {
+                key: v["key"].as_u64().unwrap() as usize,
                 round: v["round"].as_u64().unwrap(),
-                participants: v["participants"]
+                participants: ranks(&v["participants"]),
+                partial: v["partial"]
                     .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|p| p.as_u64().unwrap() as usize)
-                    .collect(),
+                    .map(|ps| {
+                        ps.iter()
+                            .map(|p| (p[0].as_u64().unwrap() as usize, ranks(&p[1])))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 cause: v["cause"].as_str().unwrap().to_string(),
             }
         })
         .collect()
 }
 
-/// The model after `rounds`, replayed in f64 from zero with the simulated workers' objective:
-/// `m <- m - lr * mean over participants p of (m - target_p)`.
-pub fn replay(rounds: &[Round], workers: u32, dim: usize, lr: f64) -> Vec<f32> {
+/// Key `key`'s model after its logged rounds, replayed in f64 from zero with the simulated
+/// workers' objective: `m <- m - lr * mean over participants p of (m - target_p)`, where element
+/// `i` (in part `i / part_floats`) counts a worker listed as partial only for its parts.
+pub fn replay_key(
+    rounds: &[Round],
+    workers: u32,
+    key: usize,
+    dim: usize,
+    part_floats: usize,
+    lr: f64,
+) -> Vec<f32> {
     let targets: Vec<Vec<f32>> = (0..workers)
-        .map(|r| hetsync::worker::target(r, dim, 1))
+        .map(|r| hetsync::worker::target(r, key, dim, 1))
         .collect();
     let mut m = vec![0f64; dim];
-    for r in rounds {
-        let k = r.participants.len() as f64;
+    for r in rounds.iter().filter(|r| r.key == key) {
         for (i, mi) in m.iter_mut().enumerate() {
-            let g: f64 = r
-                .participants
+            let part = i / part_floats;
+            let extra = r
+                .partial
+                .iter()
+                .filter(|(_, parts)| parts.contains(&part))
+                .map(|(w, _)| *w);
+            let who: Vec<usize> = r.participants.iter().copied().chain(extra).collect();
+            let g: f64 = who
                 .iter()
                 .map(|&p| *mi - f64::from(targets[p][i]))
                 .sum::<f64>()
-                / k;
+                / who.len() as f64;
             *mi -= lr * g;
         }
     }
     m.iter().map(|&x| x as f32).collect()
+}
+
+/// The one-tensor case of [`replay_key`], with no partial rounds.
+pub fn replay(rounds: &[Round], workers: u32, dim: usize, lr: f64) -> Vec<f32> {
+    replay_key(rounds, workers, 0, dim, usize::MAX, lr)
 }
 
 /// Reads one whole frame (header and payload) from a raw protocol connection.

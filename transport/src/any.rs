@@ -3,11 +3,15 @@
 //! line what it chose and why.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::protocol::Hello;
-use crate::tcp::{TcpClient, TcpServer, TcpServerConfig};
-use crate::{Event, Incoming, LinkError, Rank, SlotRegion, Transport, TransportError, WorkerLink};
+use crate::channel::{ListenConfig, WorkerEnd};
+use crate::protocol::{Hello, Parts};
+use crate::tcp::{TcpClient, TcpServer};
+use crate::{
+    Arena, Clock, Event, Incoming, Key, LinkError, Rank, Transport, TransportError, Version,
+    WorkerLink,
+};
 
 #[cfg(feature = "rdma")]
 use crate::rdma::{RdmaClient, RdmaServer};
@@ -55,9 +59,11 @@ pub enum AnyServer {
 }
 
 impl AnyServer {
-    /// Binds the chosen transport; returns it and a line saying what was chosen and why.
+    /// Binds the chosen transport; returns it and a line saying what was chosen and why. RDMA
+    /// registers `arena`, which must outlive the transport.
     pub fn bind(
-        cfg: &TcpServerConfig,
+        cfg: &ListenConfig,
+        arena: &mut Arena,
         choice: Choice,
         rdma: &RdmaSelect,
     ) -> Result<(AnyServer, String), TransportError> {
@@ -67,7 +73,7 @@ impl AnyServer {
                 "tcp (--transport tcp)".into(),
             )),
             #[cfg(feature = "rdma")]
-            Choice::Rdma | Choice::Auto => match RdmaServer::bind(cfg, &rdma_config(rdma)) {
+            Choice::Rdma | Choice::Auto => match RdmaServer::bind(cfg, arena, &rdma_config(rdma)) {
                 Ok(s) => {
                     let why = format!("rdma on {} (tcp for workers without RDMA)", s.describe());
                     Ok((AnyServer::Rdma(s), why))
@@ -80,7 +86,7 @@ impl AnyServer {
             },
             #[cfg(not(feature = "rdma"))]
             Choice::Rdma => {
-                let _ = rdma;
+                let _ = (rdma, arena);
                 Err(TransportError::NoRdmaSupport)
             }
             #[cfg(not(feature = "rdma"))]
@@ -110,36 +116,29 @@ impl AnyServer {
 }
 
 impl Transport for AnyServer {
-    fn region(&self) -> &SlotRegion {
-        match self {
-            AnyServer::Tcp(t) => t.region(),
-            #[cfg(feature = "rdma")]
-            AnyServer::Rdma(r) => r.region(),
-        }
-    }
-
-    fn region_mut(&mut self) -> &mut SlotRegion {
-        self.inner().region_mut()
-    }
-
     fn poll(
         &mut self,
+        arena: &mut Arena,
         events: &mut Vec<Event>,
-        timeout: Option<Duration>,
+        deadline: Option<Instant>,
     ) -> Result<(), TransportError> {
-        self.inner().poll(events, timeout)
+        self.inner().poll(arena, events, deadline)
     }
 
-    fn send_model(&mut self, rank: Rank, key: u32, round: u64) {
-        self.inner().send_model(rank, key, round)
+    fn send_model(&mut self, arena: &mut Arena, rank: Rank, key: Key) {
+        self.inner().send_model(arena, rank, key)
     }
 
-    fn disconnect(&mut self, rank: Rank, why: &str) {
-        self.inner().disconnect(rank, why)
+    fn release(&mut self, arena: &mut Arena, key: Key, version: Version) {
+        self.inner().release(arena, key, version)
     }
 
-    fn shutdown(&mut self, grace: Duration) {
-        self.inner().shutdown(grace)
+    fn disconnect(&mut self, arena: &mut Arena, rank: Rank, why: &str) {
+        self.inner().disconnect(arena, rank, why)
+    }
+
+    fn shutdown(&mut self, arena: &mut Arena, grace: Duration) {
+        self.inner().shutdown(arena, grace)
     }
 }
 
@@ -180,18 +179,18 @@ impl AnyLink {
             rdma: local.is_some(),
             ..hello.clone()
         };
-        let tcp = TcpClient::connect(addr, hello, wait)?;
+        let end = WorkerEnd::connect(addr, hello, wait)?;
         #[cfg(feature = "rdma")]
         if let Some(local) = local {
-            let dims: Vec<usize> = hello.dims.iter().map(|&d| d as usize).collect();
             let device = local.describe();
-            return match RdmaClient::upgrade(tcp, local, &dims)? {
+            return match RdmaClient::upgrade(end, local)? {
                 crate::rdma::Upgrade::Rdma(c) => {
                     Ok((AnyLink::Rdma(c), format!("rdma on {device}")))
                 }
-                crate::rdma::Upgrade::Declined(tcp, why) if choice == Choice::Auto => {
-                    Ok((AnyLink::Tcp(tcp), format!("tcp, because {why}")))
-                }
+                crate::rdma::Upgrade::Declined(end, why) if choice == Choice::Auto => Ok((
+                    AnyLink::Tcp(TcpClient::over(end)),
+                    format!("tcp, because {why}"),
+                )),
                 crate::rdma::Upgrade::Declined(_, why) => Err(LinkError::NoRdma(why)),
             };
         }
@@ -204,7 +203,10 @@ impl AnyLink {
                 ));
             }
         }
-        Ok((AnyLink::Tcp(tcp), "tcp (--transport tcp)".into()))
+        Ok((
+            AnyLink::Tcp(TcpClient::over(end)),
+            "tcp (--transport tcp)".into(),
+        ))
     }
 
     fn inner(&mut self) -> &mut dyn WorkerLink {
@@ -217,19 +219,27 @@ impl AnyLink {
 }
 
 impl WorkerLink for AnyLink {
-    fn model_and_gradient(&mut self, key: u32) -> (&[f32], &mut [f32]) {
-        self.inner().model_and_gradient(key)
-    }
-
-    fn model(&self, key: u32) -> &[f32] {
+    fn parts(&self) -> &Parts {
         match self {
-            AnyLink::Tcp(t) => t.model(key),
+            AnyLink::Tcp(t) => t.parts(),
             #[cfg(feature = "rdma")]
-            AnyLink::Rdma(r) => r.model(key),
+            AnyLink::Rdma(r) => r.parts(),
         }
     }
 
-    fn push(&mut self, key: u32, clock: u64) -> Result<(), LinkError> {
+    fn tensor(&mut self, t: usize) -> (&[f32], &mut [f32]) {
+        self.inner().tensor(t)
+    }
+
+    fn model(&self, t: usize) -> &[f32] {
+        match self {
+            AnyLink::Tcp(l) => l.model(t),
+            #[cfg(feature = "rdma")]
+            AnyLink::Rdma(r) => r.model(t),
+        }
+    }
+
+    fn push(&mut self, key: Key, clock: Clock) -> Result<(), LinkError> {
         self.inner().push(key, clock)
     }
 

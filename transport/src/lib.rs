@@ -1,32 +1,39 @@
-//! Het-Sync transports: the wire protocol, the mmapped slot region, and the [`Transport`] trait
-//! the server drives, with its non-blocking epoll TCP implementation ([`tcp`]).
+//! Het-Sync transports: the wire protocol ([`protocol`]), the memory arena the server lends to its
+//! transport ([`memory`]), and the [`Transport`] trait with its two implementations: epoll TCP
+//! ([`tcp`]) and RDMA verbs ([`rdma`]), both over the TCP machinery in [`channel`], picked by
+//! [`any`].
 //!
-//! The server never knows which transport it drives. A transport owns the [`SlotRegion`]
-//! (RDMA must register it for as long as it lives), tells the server "worker w's gradient for key k
-//! at clock c is in its slot" ([`Event::Pushed`]), and sends the model from the region when asked
-//! ([`Transport::send_model`]). Between a push and the reply the slot belongs to the server: a
-//! transport refuses a second push from that worker until the reply went out, so nothing can land
-//! in memory that is being summed.
+//! Transports move bytes and never decide when. The server core owns the [`Arena`] and lends it to
+//! every call; a transport receives pushes into the arena's slots (TCP reads them there, RDMA lets
+//! the NIC write them), hands each complete one over to the server and reports it
+//! ([`Event::Pushed`]), and sends models from the arena when asked, handing the slot back to the
+//! worker once the reply has gone.
 
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
-// Only the RDMA module may use `unsafe`, to post sends whose buffers it keeps alive.
+// Only the RDMA module and the arena may use `unsafe` (posting sends whose buffers outlive them;
+// slices over memory a NIC writes); each says why at the top.
 #![deny(unsafe_code)]
 
 pub mod any;
+pub mod channel;
+pub mod memory;
 pub mod protocol;
 #[cfg(feature = "rdma")]
 #[allow(unsafe_code)]
 pub mod rdma;
-pub mod region;
 pub mod tcp;
 
 use std::io;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-pub use region::{RegionLayout, SlotRegion, Slots};
+pub use memory::{Arena, ArenaError, SlotState, Version};
 
-/// A worker's rank, `0..workers`.
+/// A worker's rank, `0..workers` (32 bits on the wire).
 pub type Rank = u32;
+/// A part's index: the key of a push or model frame (32 bits on the wire).
+pub type Key = u32;
+/// A round, or a worker's clock (64 bits on the wire).
+pub type Clock = u64;
 
 /// What a transport reports to the server.
 #[derive(Debug)]
@@ -36,16 +43,16 @@ pub enum Event {
         /// The worker.
         rank: Rank,
     },
-    /// Worker `rank`'s gradient for `key`, computed on the model of round `clock`, is complete in
-    /// its slot. The slot now belongs to the server until [`Transport::send_model`] for that
-    /// worker.
+    /// Worker `rank`'s gradient for part `key`, computed on the model of round `clock`, is
+    /// complete in its slot, and the arena says the server holds it
+    /// ([`Arena::gradient`]) until [`Transport::send_model`] for that worker and part.
     Pushed {
         /// The worker.
         rank: Rank,
-        /// The tensor.
-        key: u32,
+        /// The part.
+        key: Key,
         /// The round of the model the gradient was computed on.
-        clock: u64,
+        clock: Clock,
     },
     /// A joined worker is gone; its rank may join again.
     Left {
@@ -158,15 +165,6 @@ pub enum TransportError {
     },
 }
 
-/// The wait a transport's `poll` should use: none at all while it holds undelivered events.
-pub(crate) fn wait_for(pending: &[Event], timeout: Option<Duration>) -> Option<Duration> {
-    if pending.is_empty() {
-        timeout
-    } else {
-        Some(Duration::ZERO)
-    }
-}
-
 impl TransportError {
     pub(crate) fn os(op: &'static str, e: impl Into<io::Error>) -> Self {
         TransportError::Os {
@@ -176,45 +174,48 @@ impl TransportError {
     }
 }
 
-/// What the server needs from a transport: a handful of calls both TCP and RDMA can implement.
+/// What the server needs from a transport: a handful of calls both TCP and RDMA implement. The
+/// server never knows which one it drives; every call is lent the server's [`Arena`].
 pub trait Transport {
-    /// The region holding the models and every worker's gradient slots.
-    fn region(&self) -> &SlotRegion;
-
-    /// The region, mutable: the engine sums slots into the model here. Before returning, the
-    /// transport makes sure no send still in flight reads a model that may now change (TCP copies
-    /// the unsent rest of queued models; RDMA waits for the writes' completions).
-    fn region_mut(&mut self) -> &mut SlotRegion;
-
-    /// Waits up to `timeout` (forever when `None`) for something to happen and appends what did
-    /// to `events`. Returns early, possibly with no events, when a signal interrupts the wait.
+    /// Waits until `deadline` at the latest (forever when `None`) for something to happen and
+    /// appends what did to `events`. Returns early, possibly with no events, when a signal
+    /// interrupts the wait. Passing the same deadline again costs no timer syscall.
     fn poll(
         &mut self,
+        arena: &mut Arena,
         events: &mut Vec<Event>,
-        timeout: Option<Duration>,
+        deadline: Option<Instant>,
     ) -> Result<(), TransportError>;
 
-    /// Sends worker `rank` the region's model of `key`, stamped with `round`, and hands its slot
-    /// back to it. A peer that is gone is ignored; a send that fails drops that peer and is
-    /// reported by the next [`poll`](Transport::poll) as [`Event::Left`].
-    fn send_model(&mut self, rank: Rank, key: u32, round: u64);
+    /// Sends worker `rank` part `key`'s current model (stamped with its round) and hands the
+    /// worker's slot of that part back to it once the reply has gone. A peer that is gone is
+    /// ignored; a send that fails drops that peer and is reported by the next
+    /// [`poll`](Transport::poll) as [`Event::Left`].
+    fn send_model(&mut self, arena: &mut Arena, rank: Rank, key: Key);
+
+    /// Makes sure no send reads version `version` of part `key` any more, so an update may
+    /// write it: TCP copies what a slow reader has not taken yet into that reader's own queue,
+    /// RDMA waits for the writes' completions (dropping a peer whose write never completes).
+    /// Only needed for a peer that left a whole round's model unread.
+    fn release(&mut self, arena: &mut Arena, key: Key, version: Version);
 
     /// Drops worker `rank`, telling it why. Reported by the next poll as [`Event::Left`].
-    fn disconnect(&mut self, rank: Rank, why: &str);
+    fn disconnect(&mut self, arena: &mut Arena, rank: Rank, why: &str);
 
     /// Says goodbye to every peer and flushes what is queued, waiting at most `grace`.
-    fn shutdown(&mut self, grace: Duration);
+    fn shutdown(&mut self, arena: &mut Arena, grace: Duration);
 }
 
-/// What a worker receives while waiting for the model.
+/// What a worker receives while waiting for models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Incoming {
-    /// The model of `key` after `round` closed rounds is now in [`WorkerLink::model`].
+    /// Part `key`'s model after `round` rounds of that part is now in its tensor's model buffer
+    /// ([`WorkerLink::model`]).
     Model {
-        /// The tensor.
-        key: u32,
-        /// Rounds the server has closed.
-        round: u64,
+        /// The part.
+        key: Key,
+        /// Rounds the server has closed on that part.
+        round: Clock,
     },
     /// The server is shutting down in an orderly way.
     Shutdown,
@@ -259,20 +260,25 @@ pub enum LinkError {
     NoRdma(String),
 }
 
-/// What a worker needs from a transport: buffers the transport owns (registered memory on RDMA),
-/// a push of the gradient buffer, and a wait for the model.
+/// What a worker needs from a transport: a model and a gradient buffer per tensor, owned by the
+/// link (registered memory on RDMA), pushes of parts of the gradient, and a wait for models.
+/// Pushes of several parts may be in flight at once, one per part.
 pub trait WorkerLink {
-    /// The latest model of `key` and its gradient buffer, together, so a gradient can be computed
-    /// from the model without a copy: fill the buffer, then [`push`](WorkerLink::push).
-    fn model_and_gradient(&mut self, key: u32) -> (&[f32], &mut [f32]);
+    /// The job's parts, as the server's partition size cuts them.
+    fn parts(&self) -> &protocol::Parts;
 
-    /// The latest model of `key` received.
-    fn model(&self, key: u32) -> &[f32];
+    /// Tensor `t`'s latest model and its gradient buffer, together, so a gradient can be computed
+    /// from the model without a copy: fill the buffer, then [`push`](WorkerLink::push) its parts.
+    fn tensor(&mut self, t: usize) -> (&[f32], &mut [f32]);
 
-    /// Sends the gradient buffer of `key`, computed on the model of round `clock`.
-    fn push(&mut self, key: u32, clock: u64) -> Result<(), LinkError>;
+    /// Tensor `t`'s latest model.
+    fn model(&self, t: usize) -> &[f32];
 
-    /// Blocks until the server sends a model (or says goodbye).
+    /// Sends part `key` of its tensor's gradient buffer, computed on the model of round `clock`.
+    /// The part's buffer may be written again as soon as this returns.
+    fn push(&mut self, key: Key, clock: Clock) -> Result<(), LinkError>;
+
+    /// Blocks until the server sends a part's model (or says goodbye).
     fn wait_model(&mut self) -> Result<Incoming, LinkError>;
 
     /// Tells the server this worker is leaving, and closes.

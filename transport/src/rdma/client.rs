@@ -1,6 +1,7 @@
-//! The worker side of the RDMA transport: gradients go out by RDMA_WRITE_WITH_IMM from a
-//! registered buffer into the worker's slot on the server; the model comes back the same way
-//! into a registered buffer; the TCP connection carries the handshake, goodbyes and errors.
+//! The worker side of the RDMA transport: each gradient part goes out as its clock stamp and an
+//! RDMA_WRITE_WITH_IMM from a registered buffer into the worker's slot on the server; each model
+//! part comes back the same way into a registered buffer; the channel's [`WorkerEnd`] carries the
+//! handshake, goodbyes and errors.
 
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -11,29 +12,34 @@ use hetsync_ffi::{
 };
 use memmap2::MmapMut;
 
-use super::{random_psn, Local, RECV_DEPTH};
-use crate::protocol::{decode_imm, encode_imm, FrameKind, RdmaParams};
-use crate::tcp::TcpClient;
-use crate::{Incoming, LinkError, WorkerLink};
+use super::{random_psn, Local, MAX_INFLIGHT, RECV_DEPTH, SEND_DEPTH, STAMP_WR};
+use crate::channel::WorkerEnd;
+use crate::protocol::rdma::BlockLayout;
+use crate::protocol::{FrameKind, Parts, RdmaParams};
+use crate::{Clock, Incoming, Key, LinkError, WorkerLink};
 
-/// How long a push may wait for its own send completion before the link is declared broken.
+/// How long a push may wait for room in the send queue before the link is declared broken.
 const SEND_LIMIT: Duration = Duration::from_secs(30);
 
 /// A worker's RDMA link. Field order is teardown order: the queue pair and registrations go
 /// before the CQs, PD and device; the control connection goes last.
 pub struct RdmaClient {
     qp: QueuePair,
-    grads: Vec<MemoryRegion<MmapMut>>,
-    models: Vec<MemoryRegion<MmapMut>>,
-    slots: Vec<RemoteBuffer>,
-    dims: Vec<usize>,
+    /// Gradients to send, laid out as [`BlockLayout`]; its stamp table holds the push clocks.
+    grads: MemoryRegion<MmapMut>,
+    /// Models received, laid out as [`BlockLayout`]; the server writes stamps and data here.
+    models: MemoryRegion<MmapMut>,
+    block: BlockLayout,
+    /// The server's slot block for this worker.
+    slots: RemoteBuffer,
     send_cq: CompletionQueue,
     recv_cq: CompletionQueue,
     _pd: ProtectionDomain,
     local: Local,
-    last_round: u64,
+    /// Part writes posted and not completed.
+    inflight: u32,
     completions: Vec<Completion>,
-    control: TcpClient,
+    control: WorkerEnd,
 }
 
 impl std::fmt::Debug for RdmaClient {
@@ -50,8 +56,8 @@ impl std::fmt::Debug for RdmaClient {
 pub enum Upgrade {
     /// The link now moves data over RDMA.
     Rdma(Box<RdmaClient>),
-    /// The server has no RDMA: the TCP link goes on, and here is why.
-    Declined(TcpClient, String),
+    /// The server has no RDMA: the channel goes on over TCP, and here is why.
+    Declined(WorkerEnd, String),
 }
 
 fn map(len: usize) -> Result<MmapMut, LinkError> {
@@ -60,44 +66,36 @@ fn map(len: usize) -> Result<MmapMut, LinkError> {
 }
 
 impl RdmaClient {
-    /// Offers RDMA on a fresh TCP link (right after the handshake). `dims` are the job's tensor
-    /// sizes. The server either accepts (the link moves data over RDMA from now on) or declines.
-    pub fn upgrade(
-        mut control: TcpClient,
-        local: Local,
-        dims: &[usize],
-    ) -> Result<Upgrade, LinkError> {
+    /// Offers RDMA on a fresh channel (right after the handshake). The server either accepts
+    /// (the link moves data over RDMA from now on) or declines.
+    pub fn upgrade(mut control: WorkerEnd, local: Local) -> Result<Upgrade, LinkError> {
+        let block = BlockLayout::new(control.parts());
         let pd = local.ctx.alloc_pd()?;
-        let send_cq = local.ctx.create_cq(64, false)?;
-        let recv_cq = local.ctx.create_cq(64, true)?;
+        let send_cq = local.ctx.create_cq(SEND_DEPTH as i32 + 8, false)?;
+        let recv_cq = local.ctx.create_cq(RECV_DEPTH as i32 + 8, true)?;
         let mut qp = pd.create_rc_qp(
             &send_cq,
             &recv_cq,
             QpCaps {
-                max_send: 16,
+                max_send: SEND_DEPTH,
                 max_recv: RECV_DEPTH,
             },
         )?;
-        let mut grads = Vec::new();
-        let mut models = Vec::new();
-        for &d in dims {
-            grads.push(pd.register(map(d * 4)?, Access::LOCAL_WRITE)?);
-            models.push(pd.register(map(d * 4)?, Access::LOCAL_WRITE | Access::REMOTE_WRITE)?);
-        }
+        let grads = pd.register(map(block.len())?, Access::LOCAL_WRITE)?;
+        let models = pd.register(
+            map(block.len())?,
+            Access::LOCAL_WRITE | Access::REMOTE_WRITE,
+        )?;
         let psn = random_psn();
+        let mine = models.remote(0..block.len());
         let offer = RdmaParams {
             qpn: qp.qpn(),
             psn,
             lid: local.lid,
             gid: local.gid.0,
-            buffers: models
-                .iter()
-                .zip(dims)
-                .map(|(m, &d)| {
-                    let b = m.remote(0..d * 4);
-                    (b.addr, b.len, b.rkey)
-                })
-                .collect(),
+            addr: mine.addr,
+            len: mine.len,
+            rkey: mine.rkey,
         };
         control.send_control(FrameKind::RdmaConnect, &offer.encode())?;
         let reply = control.read_control(FrameKind::RdmaConnect)?;
@@ -106,11 +104,11 @@ impl RdmaClient {
             return Ok(Upgrade::Declined(control, why));
         }
         let accept = RdmaParams::decode(&reply).map_err(|e| LinkError::NoRdma(e.to_string()))?;
-        if accept.buffers.len() != dims.len() {
+        if accept.len < block.len() as u64 {
             return Err(LinkError::NoRdma(format!(
-                "the server offered {} slots for {} keys",
-                accept.buffers.len(),
-                dims.len()
+                "the server offered {} bytes of slots, the job needs {}",
+                accept.len,
+                block.len()
             )));
         }
         let remote = Endpoint {
@@ -121,7 +119,8 @@ impl RdmaClient {
         };
         qp.connect(local.path, psn, &remote)?;
         // Receives need a connected queue pair; the server writes a model only after this
-        // worker has pushed, so they are posted in time.
+        // worker has joined, which the server reports once it has answered this offer, so they
+        // are posted in time.
         for i in 0..RECV_DEPTH {
             qp.post_recv_imm(u64::from(i))?;
         }
@@ -130,17 +129,17 @@ impl RdmaClient {
             qp,
             grads,
             models,
-            slots: accept
-                .buffers
-                .iter()
-                .map(|&(addr, len, rkey)| RemoteBuffer { addr, len, rkey })
-                .collect(),
-            dims: dims.to_vec(),
+            block,
+            slots: RemoteBuffer {
+                addr: accept.addr,
+                len: accept.len,
+                rkey: accept.rkey,
+            },
             send_cq,
             recv_cq,
             _pd: pd,
             local,
-            last_round: 0,
+            inflight: 0,
             completions: Vec::new(),
             control,
         })))
@@ -151,18 +150,42 @@ impl RdmaClient {
         self.local.describe()
     }
 
+    /// Reaps the completions of part writes (without waiting).
+    fn reap_sends(&mut self) -> Result<(), LinkError> {
+        self.completions.clear();
+        self.send_cq.poll(&mut self.completions, usize::MAX)?;
+        for c in self.completions.drain(..) {
+            c.result?;
+            if c.wr_id & STAMP_WR == 0 {
+                self.inflight -= 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes model completions without waiting; returns the first model notification.
     fn take_model(&mut self) -> Result<Option<Incoming>, LinkError> {
+        self.reap_sends()?;
         self.completions.clear();
         self.recv_cq.poll(&mut self.completions, 1)?;
         let Some(c) = self.completions.pop() else {
             return Ok(None);
         };
         match c.result {
-            Ok(Completed::RecvRdmaWithImm { imm, .. }) => {
+            Ok(Completed::RecvRdmaWithImm { imm: key, len }) => {
                 self.qp.post_recv_imm(c.wr_id)?;
-                let (key, round) = decode_imm(imm, self.last_round);
-                self.last_round = round;
+                let part = self.control.parts().get(key).map_err(|e| {
+                    LinkError::NoRdma(format!("the server wrote an unknown part: {e}"))
+                })?;
+                if part.bytes() != len as usize {
+                    return Err(LinkError::NoRdma(format!(
+                        "the server wrote {len} bytes of part {key}, which has {}",
+                        part.bytes()
+                    )));
+                }
+                // The stamp was written just before the data, on the same queue pair.
+                let stamp = &self.models.bytes()[self.block.stamp(key)];
+                let round = Clock::from_le_bytes(stamp.try_into().expect("8 bytes"));
                 Ok(Some(Incoming::Model { key, round }))
             }
             Ok(other) => Err(LinkError::NoRdma(format!(
@@ -174,47 +197,58 @@ impl RdmaClient {
 }
 
 impl WorkerLink for RdmaClient {
-    fn model_and_gradient(&mut self, key: u32) -> (&[f32], &mut [f32]) {
-        let d = self.dims[key as usize];
-        let model = &self.models[key as usize].bytes()[..d * 4];
-        let grad = &mut self.grads[key as usize].bytes_mut()[..d * 4];
+    fn parts(&self) -> &Parts {
+        self.control.parts()
+    }
+
+    fn tensor(&mut self, t: usize) -> (&[f32], &mut [f32]) {
+        let r = self.block.tensor(t, self.control.parts().dims()[t] * 4);
+        let model = &self.models.bytes()[r.clone()];
+        let grad = &mut self.grads.bytes_mut()[r];
         (bytemuck::cast_slice(model), bytemuck::cast_slice_mut(grad))
     }
 
-    fn model(&self, key: u32) -> &[f32] {
-        let d = self.dims[key as usize];
-        bytemuck::cast_slice(&self.models[key as usize].bytes()[..d * 4])
+    fn model(&self, t: usize) -> &[f32] {
+        let r = self.block.tensor(t, self.control.parts().dims()[t] * 4);
+        bytemuck::cast_slice(&self.models.bytes()[r])
     }
 
-    fn push(&mut self, key: u32, clock: u64) -> Result<(), LinkError> {
-        let len = self.dims[key as usize] * 4;
-        let grad = &self.grads[key as usize];
-        // SAFETY: the gradient buffer is owned by this link and not touched (no `&mut` to it can
-        // exist while this `&self` borrow lives) until the send completion is reaped below.
-        unsafe {
-            self.qp.post_send(
-                clock,
-                SendOp::WriteWithImm(encode_imm(key, clock)),
-                grad,
-                0..len,
-                Some((self.slots[key as usize], 0)),
-            )?
-        };
+    fn push(&mut self, key: Key, clock: Clock) -> Result<(), LinkError> {
         let deadline = Instant::now() + SEND_LIMIT;
-        loop {
-            self.completions.clear();
-            self.send_cq.poll(&mut self.completions, 1)?;
-            if let Some(c) = self.completions.pop() {
-                c.result?;
-                return Ok(());
-            }
+        while self.inflight >= MAX_INFLIGHT {
+            self.reap_sends()?;
             if Instant::now() > deadline {
                 return Err(LinkError::NoRdma(format!(
-                    "the push did not complete within {SEND_LIMIT:?}"
+                    "part writes did not complete within {SEND_LIMIT:?}"
                 )));
             }
             std::hint::spin_loop();
         }
+        let (stamp, data) = (self.block.stamp(key), self.block.data(key));
+        self.grads.bytes_mut()[stamp.clone()].copy_from_slice(&clock.to_le_bytes());
+        let (stamp_at, data_at) = (stamp.start as u64, data.start as u64);
+        // SAFETY: the gradient buffer is owned by this link; the part's stamp and data are not
+        // written again until the server has answered this push (the worker API waits for the
+        // part's model, which the server sends only after this write has landed), and the
+        // registration lives as long as the link.
+        unsafe {
+            self.qp.post_send(
+                STAMP_WR,
+                SendOp::Write,
+                &self.grads,
+                stamp,
+                Some((self.slots, stamp_at)),
+            )?;
+            self.qp.post_send(
+                u64::from(key),
+                SendOp::WriteWithImm(key),
+                &self.grads,
+                data,
+                Some((self.slots, data_at)),
+            )?;
+        }
+        self.inflight += 1;
+        Ok(())
     }
 
     fn wait_model(&mut self) -> Result<Incoming, LinkError> {

@@ -1,10 +1,15 @@
-//! The RDMA verbs transport: RC queue pairs, one-sided RDMA_WRITE_WITH_IMM of gradients straight
-//! into the server's registered slots and of the model back into the worker's registered buffer.
+//! The RDMA verbs transport: RC queue pairs, one-sided RDMA_WRITE_WITH_IMM of each gradient part
+//! straight into the server's registered slot and of each model part back into the worker's
+//! registered buffer. Its own [`Transport`](crate::Transport) implementation, composing the TCP
+//! channel ([`crate::channel`]) for control.
 //!
 //! The TCP connection stays: it carries the handshake, the exchange of queue-pair numbers, GIDs,
 //! addresses and rkeys ([`crate::protocol::RdmaParams`]), and it is the liveness channel: when it
-//! drops, the peer is gone and its queue pair is torn down. Each worker's slot is registered on its
-//! own, so a worker's rkey reaches its slot and nothing else; the model is never remotely writable.
+//! drops, the peer is gone and its queue pair is torn down. The server registers its arena once
+//! (local access, the source of model writes) and each worker's block of slots on its own (remote
+//! write), so a worker's rkey reaches its slots and nothing else; models are never remotely
+//! writable. Each write is a clock stamp then the data, whose immediate is the part's index
+//! ([`crate::protocol::rdma`]).
 //!
 //! This module posts sends, which is `unsafe` (the NIC reads the buffer until the completion):
 //! every post says why its buffer outlives the request.
@@ -26,13 +31,19 @@ pub struct RdmaConfig {
     pub gid_index: Option<u8>,
 }
 
-/// Receives kept posted per queue pair (each WRITE_WITH_IMM consumes one).
-pub(crate) const RECV_DEPTH: u32 = 32;
+/// Part writes (a stamp and the data) a queue pair may have in flight; more wait in a backlog.
+pub(crate) const MAX_INFLIGHT: u32 = 128;
+/// Send queue depth: two work requests per part write.
+pub(crate) const SEND_DEPTH: u32 = 2 * MAX_INFLIGHT;
+/// Receives kept posted per queue pair (each WRITE_WITH_IMM consumes one; the peer has at most
+/// [`MAX_INFLIGHT`] in flight).
+pub(crate) const RECV_DEPTH: u32 = MAX_INFLIGHT + 8;
+/// Work-request id bit marking a stamp write (its completion only says it went).
+pub(crate) const STAMP_WR: u64 = 1 << 31;
 /// The port every queue pair uses.
 pub(crate) const PORT: u8 = 1;
 
 /// An opened device with its active port, source GID and path.
-/// An opened device with its active port and source GID.
 #[derive(Debug)]
 pub struct Local {
     pub(crate) ctx: Context,

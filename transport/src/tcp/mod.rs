@@ -1,8 +1,9 @@
-//! The TCP transport: a non-blocking epoll server ([`TcpServer`]) and a blocking worker link
-//! ([`TcpClient`]). Sockets come from socket2, the event loop from nix's `epoll`.
+//! The TCP transport: every byte over the channel's sockets. The server side is the channel's
+//! [`ServerEnd`](crate::channel::ServerEnd) declining every upgrade offer; the worker side reads
+//! models straight into, and writes gradients from, buffers it owns.
 
 mod client;
 mod server;
 
 pub use client::TcpClient;
-pub use server::{TcpServer, TcpServerConfig};
+pub use server::TcpServer;

@@ -1,0 +1,273 @@
+//! The worker API: connect to a server, push a tensor's gradient, wait for its model, or do both
+//! for every tensor at once, pipelined. The simulated worker, the benches and the Python binding
+//! use it; the transport (RDMA or TCP) is chosen at connect time and invisible afterwards.
+//!
+//! Each tensor (key) has a model buffer and a gradient buffer owned by the link (registered
+//! memory on RDMA). A key's model may be read and its gradient written between
+//! [`Client::wait`] and the next [`Client::push`] of that key; after the push and until the
+//! wait returns, the server is writing its model (on RDMA, straight into that memory).
+//!
+//! # Example
+//!
+//! A server for two workers in this process, and two workers each taking three steps on a model
+//! of two tensors:
+//!
+//! ```
+//! use std::sync::atomic::AtomicBool;
+//! use hetsync::client::{Client, ConnectOptions, Status};
+//! use hetsync::server::{Server, ServerConfig, DEFAULT_PARTITION_BYTES};
+//! use hetsync::sync::BarrierMode;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dims = vec![1000, 10];
+//! let (server, _) = Server::bind(ServerConfig {
+//!     listen: "127.0.0.1:0".parse()?,
+//!     workers: 2,
+//!     dims: dims.clone(),
+//!     partition_bytes: DEFAULT_PARTITION_BYTES,
+//!     mode: BarrierMode::Naive,
+//!     lr: 0.5,
+//!     rounds: Some(3),
+//!     duration: None,
+//!     progress: None,
+//!     log_events: false,
+//!     round_log: None,
+//!     save_model: None,
+//!     transport: Default::default(),
+//!     rdma: Default::default(),
+//! })?;
+//! let addr = server.local_addr().to_string();
+//! let stop = AtomicBool::new(false);
+//! std::thread::scope(|s| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//!     let server = s.spawn(|| server.run(&stop));
+//!     let workers: Vec<_> = (0..2)
+//!         .map(|rank| {
+//!             let opts = ConnectOptions::new(&addr, rank, dims.clone());
+//!             s.spawn(move || -> Result<Vec<f32>, hetsync::client::LinkError> {
+//!                 let mut client = Client::connect(&opts)?;
+//!                 client.wait_all()?; // the first model of every tensor
+//!                 while client.round(0) < 3 {
+//!                     for key in 0..client.dims().len() {
+//!                         let (model, grad) = client.tensor(key);
+//!                         for (g, m) in grad.iter_mut().zip(model) {
+//!                             *g = m - 1.0; // the gradient of 0.5 |m - 1|^2
+//!                         }
+//!                     }
+//!                     if client.step()? == Status::Shutdown {
+//!                         break;
+//!                     }
+//!                 }
+//!                 Ok(client.model(0).to_vec())
+//!             })
+//!         })
+//!         .collect();
+//!     for w in workers {
+//!         let model = w.join().unwrap()?;
+//!         // Three SGD steps at rate 0.5 from 0 towards 1: 1 - 0.5^3.
+//!         assert!(model.iter().all(|&m| m == 0.875));
+//!     }
+//!     server.join().unwrap()?;
+//!     Ok(())
+//! }).map_err(|e| e.to_string())?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::time::Duration;
+
+use hetsync_transport::any::{AnyLink, Choice, RdmaSelect};
+use hetsync_transport::protocol::Hello;
+use hetsync_transport::{Incoming, WorkerLink};
+
+pub use hetsync_transport::LinkError;
+
+use crate::{Clock, Rank};
+
+/// How to reach the server and what this worker is.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The server's `HOST:PORT`.
+    pub server: String,
+    /// This worker's rank, `0..workers`.
+    pub rank: Rank,
+    /// Workers in the job, checked against the server's when not 0.
+    pub workers: u32,
+    /// Elements (f32) of each tensor, in key order; must match the server's.
+    pub dims: Vec<usize>,
+    /// How long to keep retrying while the server is not up yet.
+    pub connect_wait: Duration,
+    /// Which transport to use.
+    pub transport: Choice,
+    /// The RDMA device and GID index.
+    pub rdma: RdmaSelect,
+}
+
+impl ConnectOptions {
+    /// Options with the defaults: job size left to the server, 60 s of retries, `auto`
+    /// transport on the first RDMA device.
+    pub fn new(server: &str, rank: Rank, dims: Vec<usize>) -> Self {
+        Self {
+            server: server.to_string(),
+            rank,
+            workers: 0,
+            dims,
+            connect_wait: Duration::from_secs(60),
+            transport: Choice::Auto,
+            rdma: RdmaSelect::default(),
+        }
+    }
+}
+
+/// What a wait ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// The models waited for are in.
+    Ready,
+    /// The server ended the run (said goodbye); nothing more will come.
+    Shutdown,
+}
+
+/// A worker's connection to a Het-Sync server. See the [module documentation](self).
+#[derive(Debug)]
+pub struct Client {
+    link: AnyLink,
+    how: String,
+    /// Round of the model each part holds.
+    rounds: Vec<Clock>,
+    /// Parts whose model is awaited (pushed and not answered, or never received).
+    awaiting: Vec<bool>,
+    /// Per tensor, how many of its parts are awaited.
+    awaited: Vec<usize>,
+    shutdown: bool,
+}
+
+impl Client {
+    /// Connects and performs the handshake. The server sends every tensor's first model once
+    /// all workers have joined: [`wait_all`](Self::wait_all) for it before the first push.
+    pub fn connect(opts: &ConnectOptions) -> Result<Self, LinkError> {
+        let hello = Hello {
+            rank: opts.rank,
+            workers: opts.workers,
+            dims: opts.dims.iter().map(|&d| d as u64).collect(),
+            rdma: false,
+        };
+        let (link, how) = AnyLink::connect(
+            &opts.server,
+            &hello,
+            opts.connect_wait,
+            opts.transport,
+            &opts.rdma,
+        )?;
+        let parts = link.parts();
+        let awaited = (0..parts.dims().len())
+            .map(|t| parts.of_tensor(t).len())
+            .collect();
+        Ok(Self {
+            rounds: vec![0; parts.len()],
+            awaiting: vec![true; parts.len()],
+            awaited,
+            shutdown: false,
+            link,
+            how,
+        })
+    }
+
+    /// Which transport the link uses and why, in one line.
+    pub fn transport(&self) -> &str {
+        &self.how
+    }
+
+    /// Elements of each tensor.
+    pub fn dims(&self) -> &[usize] {
+        self.link.parts().dims()
+    }
+
+    /// Tensor `key`'s latest model.
+    pub fn model(&self, key: usize) -> &[f32] {
+        self.link.model(key)
+    }
+
+    /// Tensor `key`'s latest model and its gradient buffer, to compute the gradient in place.
+    pub fn tensor(&mut self, key: usize) -> (&[f32], &mut [f32]) {
+        self.link.tensor(key)
+    }
+
+    /// The round of tensor `key`'s model: the oldest round among its parts.
+    pub fn round(&self, key: usize) -> Clock {
+        let parts = self.link.parts().of_tensor(key);
+        parts.map(|p| self.rounds[p as usize]).min().unwrap_or(0)
+    }
+
+    /// Pushes tensor `key`'s gradient buffer, part by part, each computed on the model round of
+    /// that part. Other keys may be pushed before waiting for this one.
+    ///
+    /// # Panics
+    /// If the key's model is still awaited (push only after [`wait`](Self::wait) for it).
+    pub fn push(&mut self, key: usize) -> Result<(), LinkError> {
+        assert_eq!(
+            self.awaited[key], 0,
+            "key {key} was pushed while its model is still awaited"
+        );
+        for p in self.link.parts().of_tensor(key) {
+            self.link.push(p, self.rounds[p as usize])?;
+            self.awaiting[p as usize] = true;
+        }
+        self.awaited[key] = self.link.parts().of_tensor(key).len();
+        Ok(())
+    }
+
+    /// Waits until tensor `key`'s model has come back (every part of it). Models of other keys
+    /// that arrive meanwhile are taken too.
+    pub fn wait(&mut self, key: usize) -> Result<Status, LinkError> {
+        while self.awaited[key] > 0 {
+            if self.receive()? == Status::Shutdown {
+                return Ok(Status::Shutdown);
+            }
+        }
+        Ok(Status::Ready)
+    }
+
+    /// Waits until every awaited model has come back.
+    pub fn wait_all(&mut self) -> Result<Status, LinkError> {
+        while self.awaited.iter().any(|&n| n > 0) {
+            if self.receive()? == Status::Shutdown {
+                return Ok(Status::Shutdown);
+            }
+        }
+        Ok(Status::Ready)
+    }
+
+    /// One training step's communication: pushes every key's gradient (all parts, pipelined:
+    /// the server sums and answers each part as it arrives), then waits for every model.
+    pub fn step(&mut self) -> Result<Status, LinkError> {
+        for key in 0..self.awaited.len() {
+            self.push(key)?;
+        }
+        self.wait_all()
+    }
+
+    fn receive(&mut self) -> Result<Status, LinkError> {
+        if self.shutdown {
+            return Ok(Status::Shutdown);
+        }
+        match self.link.wait_model()? {
+            Incoming::Model { key, round } => {
+                let p = key as usize;
+                self.rounds[p] = round;
+                if std::mem::take(&mut self.awaiting[p]) {
+                    self.awaited[self.link.parts()[key].tensor as usize] -= 1;
+                }
+                Ok(Status::Ready)
+            }
+            Incoming::Shutdown => {
+                self.shutdown = true;
+                Ok(Status::Shutdown)
+            }
+        }
+    }
+
+    /// Tells the server this worker is leaving, and closes.
+    pub fn bye(mut self) -> Result<(), LinkError> {
+        self.link.bye()
+    }
+}

@@ -1,0 +1,263 @@
+//! The job's tensors as the server synchronises them: one policy instance per part, their timers,
+//! and the bookkeeping that turns part rounds back into key rounds for the round log, the
+//! progress line and `--rounds` (which speak of keys, not parts).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::time::Instant;
+
+use hetsync_transport::protocol::Parts;
+
+use crate::sync::{Barrier, BarrierMode, CloseCause, Policy};
+use crate::{Clock, Key, Rank};
+
+/// A key's round, complete once every part of the key has closed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyRound {
+    /// The tensor.
+    pub key: u32,
+    /// The round.
+    pub round: Clock,
+    /// Workers whose gradient is in every part of this round, ascending.
+    pub participants: Vec<Rank>,
+    /// Workers whose gradient is in some parts only, with those parts' indices in the tensor.
+    pub partial: Vec<(Rank, Vec<u32>)>,
+    /// Workers in the job whose gradient missed at least one part.
+    pub missing: usize,
+    /// `Timeout` if any part closed by timeout.
+    pub cause: CloseCause,
+}
+
+/// One key round being assembled from its parts' closes.
+#[derive(Debug, Default)]
+struct Assembly {
+    parts_closed: u32,
+    /// For each worker, the parts (index in the tensor) its gradient is in.
+    seen: BTreeMap<Rank, Vec<u32>>,
+    missing: usize,
+    timeout: bool,
+}
+
+#[derive(Debug)]
+struct KeyState {
+    parts: u32,
+    /// Key rounds complete.
+    closed: Clock,
+    /// Rounds `closed`, `closed + 1`, ... being assembled.
+    open: VecDeque<Assembly>,
+    /// The clock of the last late push counted per worker, so a late push counts once per key.
+    late: HashMap<Rank, Clock>,
+}
+
+/// Every part's policy and timer, and every key's rounds. See the [module documentation](self).
+#[derive(Debug)]
+pub(crate) struct Tensors {
+    parts: Parts,
+    policies: Vec<Box<dyn Policy>>,
+    /// Deadlines asked for by the policies, soonest first; entries a policy no longer asks for
+    /// are skipped when they come up.
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    armed: Vec<Option<Instant>>,
+    keys: Vec<KeyState>,
+    /// Rounds every key has completed.
+    job_rounds: Clock,
+    /// Keys whose `closed` equals `job_rounds`.
+    at_job_round: usize,
+}
+
+impl Tensors {
+    /// One `mode` policy for each of `parts`, for `workers` workers.
+    pub fn new(parts: Parts, mode: BarrierMode, workers: usize) -> Self {
+        let policies: Vec<Box<dyn Policy>> = (0..parts.len())
+            .map(|_| Box::new(Barrier::new(mode, workers)) as Box<dyn Policy>)
+            .collect();
+        let keys: Vec<KeyState> = (0..parts.dims().len())
+            .map(|t| KeyState {
+                parts: parts.of_tensor(t).len() as u32,
+                closed: 0,
+                open: VecDeque::new(),
+                late: HashMap::new(),
+            })
+            .collect();
+        Self {
+            armed: vec![None; parts.len()],
+            at_job_round: keys.len(),
+            keys,
+            policies,
+            timers: BinaryHeap::new(),
+            job_rounds: 0,
+            parts,
+        }
+    }
+
+    /// Part `key`'s policy.
+    pub fn policy(&mut self, key: Key) -> &mut dyn Policy {
+        self.policies[key as usize].as_mut()
+    }
+
+    /// Number of parts.
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// Whether training has started (every worker joined once).
+    pub fn started(&self) -> bool {
+        self.policies[0].started()
+    }
+
+    /// Workers in the job now.
+    pub fn members(&self) -> usize {
+        self.policies[0].members()
+    }
+
+    /// Rounds every key has completed.
+    pub fn job_rounds(&self) -> Clock {
+        self.job_rounds
+    }
+
+    /// Records part `key`'s timer after the policy has been fed something.
+    pub fn rearm(&mut self, key: Key) {
+        let t = self.policies[key as usize].poll_timeout();
+        if t != self.armed[key as usize] {
+            self.armed[key as usize] = t;
+            if let Some(t) = t {
+                self.timers.push(Reverse((t, key)));
+            }
+        }
+    }
+
+    /// The soonest deadline any policy asked for.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((t, key))) = self.timers.peek() {
+            if self.armed[key as usize] == Some(t) {
+                return Some(t);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// The parts whose timer `now` has reached (their timers are disarmed: fire each with
+    /// `handle_timeout`, then [`rearm`](Self::rearm)).
+    pub fn expired(&mut self, now: Instant, out: &mut Vec<Key>) {
+        while let Some(&Reverse((t, key))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if self.armed[key as usize] == Some(t) {
+                self.armed[key as usize] = None;
+                out.push(key);
+            }
+        }
+    }
+
+    /// Whether a late push of `rank` on the model of round `clock` of part `key` is the first of
+    /// its key (the other parts of the same push are late too and not counted again).
+    pub fn first_late(&mut self, key: Key, rank: Rank, clock: Clock) -> bool {
+        let t = self.parts[key].tensor as usize;
+        self.keys[t].late.insert(rank, clock) != Some(clock)
+    }
+
+    /// Part `key` closed `round` with `participants` (`missing` workers left out) because of
+    /// `cause`. Returns the key round this completes, if any (key rounds complete in order).
+    pub fn part_closed(
+        &mut self,
+        key: Key,
+        round: Clock,
+        participants: &[Rank],
+        missing: usize,
+        cause: CloseCause,
+    ) -> Option<KeyRound> {
+        let part = self.parts[key];
+        let k = &mut self.keys[part.tensor as usize];
+        let at = usize::try_from(round - k.closed).expect("rounds close in order");
+        while k.open.len() <= at {
+            k.open.push_back(Assembly::default());
+        }
+        let a = &mut k.open[at];
+        a.parts_closed += 1;
+        a.missing = a.missing.max(missing);
+        a.timeout |= cause == CloseCause::Timeout;
+        for &r in participants {
+            a.seen.entry(r).or_default().push(part.index);
+        }
+        if at != 0 || a.parts_closed < k.parts {
+            return None;
+        }
+        let a = k.open.pop_front().expect("the round being completed");
+        let (all, some): (Vec<_>, Vec<_>) = a
+            .seen
+            .into_iter()
+            .partition(|(_, ps)| ps.len() == k.parts as usize);
+        let done = KeyRound {
+            key: part.tensor,
+            round,
+            participants: all.into_iter().map(|(r, _)| r).collect(),
+            missing: a.missing.max(some.len()),
+            partial: some,
+            cause: if a.timeout {
+                CloseCause::Timeout
+            } else {
+                CloseCause::AllArrived
+            },
+        };
+        k.closed += 1;
+        if k.closed == self.job_rounds + 1 {
+            self.at_job_round -= 1;
+            if self.at_job_round == 0 {
+                self.job_rounds += 1;
+                let r = self.job_rounds;
+                self.at_job_round = self.keys.iter().filter(|k| k.closed == r).count();
+            }
+        }
+        Some(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_rounds_complete_when_every_part_closed_them_in_order() {
+        // Tensor 0 has three parts, tensor 1 one.
+        let parts = Parts::new(&[600, 10], 1024).unwrap();
+        let mut t = Tensors::new(parts, BarrierMode::Naive, 2);
+        assert_eq!(t.len(), 4);
+        assert_eq!(
+            t.part_closed(0, 0, &[0, 1], 0, CloseCause::AllArrived),
+            None
+        );
+        // Part 1 runs a round ahead of part 2.
+        assert_eq!(t.part_closed(1, 0, &[0], 1, CloseCause::Timeout), None);
+        assert_eq!(
+            t.part_closed(1, 1, &[0, 1], 0, CloseCause::AllArrived),
+            None
+        );
+        assert_eq!(
+            t.part_closed(3, 0, &[0, 1], 0, CloseCause::AllArrived)
+                .map(|k| k.key),
+            Some(1)
+        );
+        assert_eq!(t.job_rounds(), 0, "tensor 0 has not completed round 0");
+        let done = t
+            .part_closed(2, 0, &[0, 1], 0, CloseCause::AllArrived)
+            .unwrap();
+        assert_eq!(done.round, 0);
+        assert_eq!(done.participants, vec![0]);
+        assert_eq!(done.partial, vec![(1, vec![0, 2])]);
+        assert_eq!(done.missing, 1);
+        assert_eq!(done.cause, CloseCause::Timeout);
+        assert_eq!(t.job_rounds(), 1);
+    }
+
+    #[test]
+    fn a_late_push_counts_once_per_key() {
+        let mut t = Tensors::new(Parts::new(&[600], 1024).unwrap(), BarrierMode::Naive, 2);
+        assert!(t.first_late(0, 1, 3));
+        assert!(!t.first_late(1, 1, 3));
+        assert!(!t.first_late(2, 1, 3));
+        assert!(t.first_late(0, 1, 4));
+    }
+}

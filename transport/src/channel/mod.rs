@@ -1,0 +1,12 @@
+//! The TCP machinery under both transports: readiness and timers ([`reactor`]), the sans-IO
+//! framing of one connection ([`connection`]), its output queue ([`outbox`]), and the two ends
+//! built from them: the server's ([`ServerEnd`]) and the worker's ([`WorkerEnd`]).
+
+pub mod connection;
+pub mod outbox;
+pub mod reactor;
+mod server_end;
+mod worker_end;
+
+pub use server_end::{ListenConfig, ServerEnd};
+pub use worker_end::WorkerEnd;

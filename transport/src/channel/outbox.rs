@@ -1,0 +1,255 @@
+//! One connection's queued output: frames the kernel has not taken yet, models by reference.
+//!
+//! A model is queued as a reference to a version in the [`Arena`] (counted as a reader there, so
+//! no update writes it) and goes out by `writev` straight from the arena; only when an update must
+//! reuse that version while a peer still has not read it ([`Outbox::detach`]) is the unsent rest
+//! copied, into this peer's queue alone. When a model has gone out whole, the worker's slot of
+//! that part is handed back to it.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+
+use crate::protocol::{control_frame, FrameKind, Header};
+use crate::{Arena, Key, Rank, Version};
+
+/// A piece of the queue.
+#[derive(Debug)]
+enum Segment {
+    /// Owned bytes (headers, control frames, detached models), sent from `pos` on; once sent,
+    /// the worker's slot of part `lend` (if any) goes back to it.
+    Bytes {
+        buf: Vec<u8>,
+        pos: usize,
+        lend: Option<Key>,
+    },
+    /// Version `version` of part `key`, still in the arena, sent from `pos` on.
+    Model {
+        key: Key,
+        version: Version,
+        pos: usize,
+    },
+}
+
+impl Segment {
+    fn remaining<'a>(&'a self, arena: &'a Arena) -> &'a [u8] {
+        match self {
+            Segment::Bytes { buf, pos, .. } => &buf[*pos..],
+            Segment::Model { key, version, pos } => &arena.version_bytes(*key, *version)[*pos..],
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Segment::Bytes { pos, .. } | Segment::Model { pos, .. } => *pos += n,
+        }
+    }
+}
+
+/// A connection's output queue.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    segs: VecDeque<Segment>,
+}
+
+/// Segments handed to one `writev`.
+const IOV: usize = 8;
+
+impl Outbox {
+    /// Whether everything queued has gone out.
+    pub fn is_empty(&self) -> bool {
+        self.segs.is_empty()
+    }
+
+    /// Queues a control frame.
+    pub fn push_control(&mut self, kind: FrameKind, payload: &[u8]) {
+        self.segs.push_back(Segment::Bytes {
+            buf: control_frame(kind, 0, 0, payload),
+            pos: 0,
+            lend: None,
+        });
+    }
+
+    /// Queues part `key`'s current model (header and a reference to the arena's version).
+    pub fn push_model(&mut self, arena: &mut Arena, key: Key) {
+        let (version, round) = arena.start_send(key);
+        let len = arena.version_bytes(key, version).len() as u64;
+        self.segs.push_back(Segment::Bytes {
+            buf: Header::new(FrameKind::Model, key, round, len)
+                .encode()
+                .to_vec(),
+            pos: 0,
+            lend: None,
+        });
+        self.segs.push_back(Segment::Model {
+            key,
+            version,
+            pos: 0,
+        });
+    }
+
+    /// Writes what is queued, several segments per `writev`, until the writer would block.
+    /// Returns whether everything went out. Models that went out whole hand worker `rank`'s slot
+    /// back and stop reading their version.
+    pub fn flush(&mut self, w: &mut impl Write, arena: &mut Arena, rank: Rank) -> io::Result<bool> {
+        while !self.segs.is_empty() {
+            let mut slices = [IoSlice::new(&[]); IOV];
+            let n = self.segs.len().min(IOV);
+            for (slice, seg) in slices.iter_mut().zip(&self.segs) {
+                *slice = IoSlice::new(seg.remaining(arena));
+            }
+            match w.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut written) => {
+                    while written > 0 {
+                        let seg = self.segs.front_mut().expect("wrote from it");
+                        let left = seg.remaining(arena).len();
+                        if written < left {
+                            seg.advance(written);
+                            break;
+                        }
+                        written -= left;
+                        self.finish_front(arena, rank);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    fn finish_front(&mut self, arena: &mut Arena, rank: Rank) {
+        match self.segs.pop_front().expect("a segment") {
+            Segment::Model { key, version, .. } => {
+                arena.end_send(key, version);
+                arena.lend(rank, key);
+            }
+            Segment::Bytes {
+                lend: Some(key), ..
+            } => arena.lend(rank, key),
+            Segment::Bytes { .. } => {}
+        }
+    }
+
+    /// Copies the unsent rest of every queued send of version `version` of part `key` into this
+    /// queue, so the arena may change that version (the peer still gets, whole, the model it was
+    /// stamped with).
+    pub fn detach(&mut self, arena: &mut Arena, key: Key, version: Version) {
+        for seg in self.segs.iter_mut() {
+            if matches!(*seg, Segment::Model { key: k, version: v, .. } if k == key && v == version)
+            {
+                let buf = seg.remaining(arena).to_vec();
+                *seg = Segment::Bytes {
+                    buf,
+                    pos: 0,
+                    lend: Some(key),
+                };
+                arena.end_send(key, version);
+            }
+        }
+    }
+
+    /// Drops everything queued (the connection is closing): its sends stop reading the arena.
+    pub fn abandon(&mut self, arena: &mut Arena) {
+        for seg in self.segs.drain(..) {
+            if let Segment::Model { key, version, .. } = seg {
+                arena.end_send(key, version);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Parts, HEADER_LEN};
+    use crate::SlotState;
+
+    /// A writer that takes at most `cap` bytes per call, then would block once.
+    struct Trickle {
+        out: Vec<u8>,
+        cap: usize,
+        blocked: bool,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(b)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.blocked = !self.blocked;
+            if !self.blocked {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.cap - n);
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn held_arena() -> Arena {
+        let mut a = Arena::new(1, Parts::new(&[256], 1024).unwrap()).unwrap();
+        a.receive_into(0, 0)
+            .unwrap()
+            .copy_from_slice(bytemuck::cast_slice(&[1.0f32; 256]));
+        a.hand_over(0, 0, 0).unwrap();
+        a
+    }
+
+    fn add(dst: &mut [f32], base: &[f32], g: &[&[f32]]) {
+        for i in 0..dst.len() {
+            dst[i] = base[i] + g[0][i];
+        }
+    }
+
+    #[test]
+    fn a_model_goes_out_whole_by_reference_and_then_hands_the_slot_back() {
+        let mut a = held_arena();
+        let mut o = Outbox::default();
+        o.push_model(&mut a, 0);
+        assert_eq!(a.readers(0, Version(0)), 1);
+        let mut w = Trickle {
+            out: Vec::new(),
+            cap: 100,
+            blocked: false,
+        };
+        while !o.flush(&mut w, &mut a, 0).unwrap() {
+            assert!(matches!(a.slot_state(0, 0), SlotState::Held { .. }));
+        }
+        assert_eq!(w.out.len(), HEADER_LEN + 1024);
+        assert_eq!(a.readers(0, Version(0)), 0);
+        assert_eq!(a.slot_state(0, 0), SlotState::Lent);
+    }
+
+    #[test]
+    fn a_detached_model_is_the_version_it_was_stamped_with() {
+        let mut a = held_arena();
+        let mut o = Outbox::default();
+        o.push_model(&mut a, 0);
+        let mut w = Trickle {
+            out: Vec::new(),
+            cap: 200,
+            blocked: false,
+        };
+        assert!(!o.flush(&mut w, &mut a, 0).unwrap());
+        // Round 1 closes into version 1; round 2 would write version 0, which is being sent.
+        a.update(0, &[0], add).unwrap();
+        assert!(a.update(0, &[0], add).is_err());
+        o.detach(&mut a, 0, Version(0));
+        a.update(0, &[0], add).unwrap();
+        assert_eq!(a.model(0), &[2.0; 256]);
+        while !o.flush(&mut w, &mut a, 0).unwrap() {}
+        let h = Header::decode(&w.out[..HEADER_LEN]).unwrap();
+        assert_eq!((h.kind, h.clock), (FrameKind::Model, 0));
+        assert!(w.out[HEADER_LEN..].iter().all(|&b| b == 0), "torn model");
+        assert_eq!(a.slot_state(0, 0), SlotState::Lent);
+    }
+}

@@ -1,0 +1,154 @@
+//! Readiness and time: one level-triggered epoll set (nix) with the listening socket, a timerfd
+//! for sub-millisecond deadlines, any extra fd a transport watches (the RDMA completion channel),
+//! and the connections. The timer is re-armed only when the deadline asked for changes.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+
+use crate::TransportError;
+
+/// Token of the listening socket.
+pub const LISTENER: u64 = u64::MAX;
+/// Token of the timer.
+const TIMER: u64 = u64::MAX - 1;
+/// Token of a watched fd.
+pub const WATCH: u64 = u64::MAX - 2;
+
+/// What became ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// The token it was registered with.
+    pub token: u64,
+    /// Readable (or hung up, or in error: a read will say which).
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+}
+
+/// The epoll set and its timer.
+#[derive(Debug)]
+pub struct Reactor {
+    epoll: Epoll,
+    timer: TimerFd,
+    /// The deadline the timer is armed for.
+    armed: Option<Instant>,
+    events: Vec<EpollEvent>,
+}
+
+fn interest(write: bool) -> EpollFlags {
+    let base = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
+    if write {
+        base | EpollFlags::EPOLLOUT
+    } else {
+        base
+    }
+}
+
+impl Reactor {
+    /// An epoll set with its timer registered.
+    pub fn new() -> Result<Self, TransportError> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| TransportError::os("epoll_create1", e))?;
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(|e| TransportError::os("timerfd_create", e))?;
+        epoll
+            .add(&timer, EpollEvent::new(EpollFlags::EPOLLIN, TIMER))
+            .map_err(|e| TransportError::os("epoll_ctl(ADD timerfd)", e))?;
+        Ok(Self {
+            epoll,
+            timer,
+            armed: None,
+            events: vec![EpollEvent::empty(); 256],
+        })
+    }
+
+    /// Watches `fd` for reading under `token`.
+    pub fn add_reader(&self, fd: BorrowedFd<'_>, token: u64) -> nix::Result<()> {
+        self.epoll
+            .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+    }
+
+    /// Watches a connection for reading, and for writing when `write`.
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64, write: bool) -> nix::Result<()> {
+        self.epoll.add(fd, EpollEvent::new(interest(write), token))
+    }
+
+    /// Changes a connection's interest in writing.
+    pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, write: bool) -> nix::Result<()> {
+        self.epoll
+            .modify(fd, &mut EpollEvent::new(interest(write), token))
+    }
+
+    /// Stops watching `fd`.
+    pub fn delete(&self, fd: impl AsFd) {
+        let _ = self.epoll.delete(fd);
+    }
+
+    /// Waits until something is ready or `deadline` passes (at once when `deadline` is now or
+    /// earlier; forever when `None`), and appends what is ready to `out`. A signal ends the wait
+    /// early with nothing ready.
+    pub fn wait(
+        &mut self,
+        deadline: Option<Instant>,
+        out: &mut Vec<Ready>,
+    ) -> Result<(), TransportError> {
+        let now = Instant::now();
+        let timeout = match deadline {
+            Some(d) if d <= now => EpollTimeout::ZERO,
+            _ => {
+                self.arm(deadline, now)?;
+                EpollTimeout::NONE
+            }
+        };
+        let n = match self.epoll.wait(&mut self.events, timeout) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => 0,
+            Err(e) => return Err(TransportError::os("epoll_wait", e)),
+        };
+        for ev in &self.events[..n] {
+            if ev.data() == TIMER {
+                // Drain the expiration count; EAGAIN means it was already drained.
+                let _ = self.timer.wait();
+                self.armed = None;
+                continue;
+            }
+            let flags = ev.events();
+            out.push(Ready {
+                token: ev.data(),
+                read: flags.intersects(!EpollFlags::EPOLLOUT),
+                write: flags.contains(EpollFlags::EPOLLOUT),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits at most until `deadline` for readiness, without touching the timer (for
+    /// shutdown's bounded lingering).
+    pub fn wait_briefly(&mut self, ms: u16) {
+        let _ = self.epoll.wait(&mut self.events, EpollTimeout::from(ms));
+    }
+
+    fn arm(&mut self, deadline: Option<Instant>, now: Instant) -> Result<(), TransportError> {
+        if deadline == self.armed {
+            return Ok(());
+        }
+        match deadline {
+            Some(d) => self.timer.set(
+                Expiration::OneShot(TimeSpec::from_duration(d - now)),
+                TimerSetTimeFlags::empty(),
+            ),
+            None => self.timer.unset(),
+        }
+        .map_err(|e| TransportError::os("timerfd_settime", e))?;
+        self.armed = deadline;
+        Ok(())
+    }
+}

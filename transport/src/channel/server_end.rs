@@ -1,0 +1,633 @@
+//! The server end of the TCP channel: the listening socket, every connection's framing and output
+//! queue, the handshake, and TCP pushes and models. Both transports stand on it: TCP moves all
+//! data here; RDMA uses it for the handshake, the exchange of RDMA parameters (handed up as
+//! offers) and liveness, and for workers without RDMA.
+//!
+//! One thread, non-blocking sockets (socket2), level-triggered readiness ([`Reactor`]). A push's
+//! payload is read straight into the worker's slot of the [`Arena`]; a model goes out by `writev`
+//! from the arena ([`Outbox`]). A slow peer costs at most its own queue, never time for the
+//! others; a broken or malformed peer is dropped alone.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::connection::{Connection, Frame, Target};
+use super::outbox::Outbox;
+use super::reactor::{Reactor, Ready, LISTENER, WATCH};
+use crate::protocol::{FrameKind, Hello, ProtocolError, Welcome};
+use crate::{Arena, Event, Key, LeaveReason, PeerError, Rank, TransportError, Version};
+
+/// Reads per readiness event before moving on to other peers (level-triggered: the rest waits).
+const READS_PER_WAKEUP: usize = 16;
+/// Connections allowed beyond one per worker (handshakes in flight, reconnects).
+const SPARE_CONNECTIONS: usize = 64;
+
+/// What the server end needs to know about the job.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    /// Address to listen on; port 0 picks a free port (see [`ServerEnd::local_addr`]).
+    pub listen: SocketAddr,
+    /// Number of workers; ranks are `0..workers`.
+    pub workers: usize,
+}
+
+#[derive(Debug)]
+struct Peer {
+    stream: TcpStream,
+    token: u64,
+    addr: String,
+    rank: Option<Rank>,
+    conn: Connection,
+    out: Outbox,
+    /// EPOLLOUT is in the interest set.
+    want_write: bool,
+    /// The hello announced an RDMA offer: the join is reported once the offer is answered.
+    join_pending: bool,
+}
+
+impl Peer {
+    fn io_err(&self, op: &'static str, source: io::Error) -> PeerError {
+        PeerError::Io {
+            op,
+            peer: self.addr.clone(),
+            source,
+        }
+    }
+
+    fn proto_err(&self, source: ProtocolError) -> PeerError {
+        PeerError::Protocol {
+            peer: self.addr.clone(),
+            source,
+        }
+    }
+}
+
+/// One step of reading a connection.
+enum ReadStep {
+    /// The socket has nothing more right now.
+    WouldBlock,
+    /// Some bytes arrived, possibly completing a frame.
+    Progress(Option<Frame>),
+}
+
+/// The server end of the channel. See the [module documentation](self).
+#[derive(Debug)]
+pub struct ServerEnd {
+    reactor: Reactor,
+    listener: TcpListener,
+    local: SocketAddr,
+    peers: Vec<Option<Peer>>,
+    free: Vec<usize>,
+    next_gen: u64,
+    by_rank: Vec<Option<usize>>,
+    workers: usize,
+    /// Events produced outside `poll` (failed sends, disconnects), delivered by the next poll.
+    pending: Vec<Event>,
+    /// RDMA offers (rank, payload) for a transport on top to answer.
+    offers: Vec<(Rank, Vec<u8>)>,
+    /// The watched fd became readable.
+    watch_ready: bool,
+    ready: Vec<Ready>,
+}
+
+impl ServerEnd {
+    /// Starts listening.
+    pub fn bind(cfg: &ListenConfig) -> Result<Self, TransportError> {
+        let listener = listen(cfg.listen)?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| TransportError::os("getsockname", e))?;
+        let reactor = Reactor::new()?;
+        reactor
+            .add_reader(listener.as_fd(), LISTENER)
+            .map_err(|e| TransportError::os("epoll_ctl(ADD listener)", e))?;
+        Ok(Self {
+            reactor,
+            listener,
+            local,
+            peers: Vec::new(),
+            free: Vec::new(),
+            next_gen: 0,
+            by_rank: vec![None; cfg.workers],
+            workers: cfg.workers,
+            pending: Vec::new(),
+            offers: Vec::new(),
+            watch_ready: false,
+            ready: Vec::new(),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Adds `fd` to the event loop: [`poll`](Self::poll) returns when it is readable and
+    /// [`take_watch_ready`](Self::take_watch_ready) says so.
+    pub fn watch(&mut self, fd: BorrowedFd<'_>) -> Result<(), TransportError> {
+        self.reactor
+            .add_reader(fd, WATCH)
+            .map_err(|e| TransportError::os("epoll_ctl(ADD watched fd)", e))
+    }
+
+    /// Whether the watched fd became readable since the last call.
+    pub fn take_watch_ready(&mut self) -> bool {
+        std::mem::take(&mut self.watch_ready)
+    }
+
+    /// RDMA offers received since the last call: (rank, payload). Each must be answered with
+    /// [`send_control`](Self::send_control) and [`complete_join`](Self::complete_join), or
+    /// [`decline_offer`](Self::decline_offer).
+    pub fn take_offers(&mut self) -> Vec<(Rank, Vec<u8>)> {
+        std::mem::take(&mut self.offers)
+    }
+
+    /// Whether an event is waiting to be delivered (the next wait must not block).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Queues an event for the next delivery.
+    pub fn report(&mut self, ev: Event) {
+        self.pending.push(ev);
+    }
+
+    /// Waits for readiness until `deadline` (not at all while events are pending), handles it,
+    /// and moves every event so far to `events`.
+    pub fn poll(
+        &mut self,
+        arena: &mut Arena,
+        events: &mut Vec<Event>,
+        deadline: Option<Instant>,
+    ) -> Result<(), TransportError> {
+        let deadline = if self.pending.is_empty() {
+            deadline
+        } else {
+            Some(Instant::now())
+        };
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.clear();
+        self.reactor.wait(deadline, &mut ready)?;
+        for r in &ready {
+            match r.token {
+                LISTENER => self.accept_all(),
+                WATCH => self.watch_ready = true,
+                token => {
+                    let idx = (token & 0xffff_ffff) as usize;
+                    let live = |s: &Self| {
+                        s.peers
+                            .get(idx)
+                            .and_then(Option::as_ref)
+                            .is_some_and(|p| p.token == token)
+                    };
+                    if live(self) && r.read {
+                        self.on_readable(arena, idx);
+                    }
+                    if live(self) && r.write {
+                        self.flush(arena, idx);
+                    }
+                }
+            }
+        }
+        self.ready = ready;
+        events.append(&mut self.pending);
+        Ok(())
+    }
+
+    /// Queues part `key`'s current model for worker `rank` (see [`crate::Transport::send_model`]).
+    pub fn send_model(&mut self, arena: &mut Arena, rank: Rank, key: Key) {
+        let Some(idx) = self.index(rank) else { return };
+        let p = self.peers[idx].as_mut().expect("live peer");
+        p.out.push_model(arena, key);
+        self.flush(arena, idx);
+    }
+
+    /// Sends worker `rank` a control frame. A peer that is gone is ignored.
+    pub fn send_control(&mut self, arena: &mut Arena, rank: Rank, kind: FrameKind, payload: &[u8]) {
+        let Some(idx) = self.index(rank) else { return };
+        let p = self.peers[idx].as_mut().expect("live peer");
+        p.out.push_control(kind, payload);
+        self.flush(arena, idx);
+    }
+
+    /// Answers worker `rank`'s RDMA offer with "no" (it carries on over TCP) and reports it as
+    /// joined.
+    pub fn decline_offer(&mut self, arena: &mut Arena, rank: Rank) {
+        self.send_control(arena, rank, FrameKind::RdmaConnect, &[]);
+        self.complete_join(rank);
+    }
+
+    /// Reports worker `rank`, whose RDMA offer has been answered, as joined.
+    pub fn complete_join(&mut self, rank: Rank) {
+        let Some(idx) = self.index(rank) else { return };
+        let p = self.peers[idx].as_mut().expect("live peer");
+        if std::mem::take(&mut p.join_pending) {
+            self.pending.push(Event::Joined { rank });
+        }
+    }
+
+    /// Drops worker `rank`, telling it why.
+    pub fn disconnect(&mut self, arena: &mut Arena, rank: Rank, why: &str) {
+        if let Some(idx) = self.index(rank) {
+            let reason = LeaveReason::Dropped(why.to_string());
+            self.send_error_and_close(arena, idx, why, Some(reason));
+        }
+    }
+
+    /// Copies what slow readers have not taken of version `version` of part `key` into their
+    /// own queues (see [`crate::Transport::release`]).
+    pub fn release(&mut self, arena: &mut Arena, key: Key, version: Version) {
+        for p in self.peers.iter_mut().flatten() {
+            p.out.detach(arena, key, version);
+        }
+    }
+
+    fn index(&self, rank: Rank) -> Option<usize> {
+        self.by_rank.get(rank as usize).copied().flatten()
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            let (stream, addr) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ECONNABORTED, EMFILE...: that one connection is lost; keep serving.
+                Err(e) => {
+                    self.pending.push(Event::Refused {
+                        peer: "(unknown)".into(),
+                        reason: format!("accept failed: {e}"),
+                    });
+                    return;
+                }
+            };
+            let peer = addr.to_string();
+            let live = self.peers.len() - self.free.len();
+            if live >= self.workers + SPARE_CONNECTIONS {
+                self.pending.push(Event::Refused {
+                    peer,
+                    reason: format!("too many connections ({live})"),
+                });
+                continue;
+            }
+            if let Err(e) = stream
+                .set_nonblocking(true)
+                .and_then(|_| stream.set_nodelay(true))
+            {
+                self.pending.push(Event::Refused {
+                    peer,
+                    reason: format!("socket setup failed: {e}"),
+                });
+                continue;
+            }
+            let idx = self.free.pop().unwrap_or_else(|| {
+                self.peers.push(None);
+                self.peers.len() - 1
+            });
+            self.next_gen += 1;
+            let token = (self.next_gen << 32) | idx as u64;
+            if let Err(e) = self.reactor.add(stream.as_fd(), token, false) {
+                self.free.push(idx);
+                self.pending.push(Event::Refused {
+                    peer,
+                    reason: format!("epoll_ctl(ADD) failed: {e}"),
+                });
+                continue;
+            }
+            self.peers[idx] = Some(Peer {
+                stream,
+                token,
+                addr: peer,
+                rank: None,
+                conn: Connection::new(),
+                out: Outbox::default(),
+                want_write: false,
+                join_pending: false,
+            });
+        }
+    }
+
+    /// Reads one chunk from peer `idx`: into the connection's own buffer, or straight into the
+    /// worker's slot for a push (only while the slot is lent to the worker).
+    fn read_step(&mut self, arena: &mut Arena, idx: usize) -> Result<ReadStep, PeerError> {
+        let p = self.peers[idx].as_mut().expect("live peer");
+        let got = match p.conn.target() {
+            Target::Buf(buf) => read_nonblocking(&mut p.stream, buf),
+            Target::Slot { key, range } => {
+                let rank = p.rank.expect("pushes only after the handshake");
+                let Some(slot) = arena.receive_into(rank, key) else {
+                    return Err(p.proto_err(ProtocolError::Unexpected {
+                        kind: FrameKind::Push,
+                        when: "before the reply to the previous push of that part (wait for the model)",
+                    }));
+                };
+                read_nonblocking(&mut p.stream, &mut slot[range])
+            }
+        };
+        let Some(n) = got.map_err(|e| p.io_err("read", e))? else {
+            return Ok(ReadStep::WouldBlock);
+        };
+        if n == 0 {
+            return Err(PeerError::Closed {
+                peer: p.addr.clone(),
+                when: p.conn.at_eof(),
+            });
+        }
+        let frame = p
+            .conn
+            .advance(n, arena.parts())
+            .map_err(|e| p.proto_err(e))?;
+        Ok(ReadStep::Progress(frame))
+    }
+
+    fn on_readable(&mut self, arena: &mut Arena, idx: usize) {
+        for _ in 0..READS_PER_WAKEUP {
+            match self.read_step(arena, idx) {
+                Ok(ReadStep::WouldBlock) => return,
+                Ok(ReadStep::Progress(None)) => {}
+                Ok(ReadStep::Progress(Some(frame))) => {
+                    self.on_frame(arena, idx, frame);
+                    if self.peers[idx].is_none() {
+                        return;
+                    }
+                }
+                Err(e) => return self.fail(arena, idx, e),
+            }
+        }
+    }
+
+    fn on_frame(&mut self, arena: &mut Arena, idx: usize, frame: Frame) {
+        let p = self.peers[idx].as_mut().expect("live peer");
+        match frame {
+            Frame::Hello(hello) => {
+                if let Err(why) = self.admit(&hello, arena) {
+                    return self.refuse(arena, idx, &why);
+                }
+                let p = self.peers[idx].as_mut().expect("live peer");
+                p.rank = Some(hello.rank);
+                p.conn.set_joined();
+                p.join_pending = hello.rdma;
+                self.by_rank[hello.rank as usize] = Some(idx);
+                let welcome = Welcome {
+                    part_bytes: arena.parts().part_bytes() as u64,
+                };
+                p.out.push_control(FrameKind::Welcome, &welcome.encode());
+                self.flush(arena, idx);
+                if !hello.rdma {
+                    self.pending.push(Event::Joined { rank: hello.rank });
+                }
+            }
+            Frame::Push { key, clock } => {
+                let rank = p.rank.expect("pushes only after the handshake");
+                match arena.hand_over(rank, key, clock) {
+                    Ok(()) => self.pending.push(Event::Pushed { rank, key, clock }),
+                    Err(e) => {
+                        let e = PeerError::Remote {
+                            peer: p.addr.clone(),
+                            message: e.to_string(),
+                        };
+                        self.fail(arena, idx, e)
+                    }
+                }
+            }
+            Frame::Bye => self.close(arena, idx, Some(LeaveReason::Bye)),
+            Frame::Error(message) => {
+                let e = PeerError::Remote {
+                    peer: p.addr.clone(),
+                    message,
+                };
+                self.close(arena, idx, Some(LeaveReason::Failed(e)));
+            }
+            Frame::RdmaConnect(payload) => {
+                let rank = p.rank.expect("checked at the header");
+                if !p.join_pending {
+                    let e = p.proto_err(ProtocolError::Unexpected {
+                        kind: FrameKind::RdmaConnect,
+                        when: "without an RDMA offer announced in the hello",
+                    });
+                    return self.fail(arena, idx, e);
+                }
+                self.offers.push((rank, payload));
+            }
+        }
+    }
+
+    /// Whether a hello describes this job and its rank is free.
+    fn admit(&self, hello: &Hello, arena: &Arena) -> Result<(), String> {
+        if hello.rank as usize >= self.workers {
+            return Err(format!(
+                "rank {} is out of range: the job has {} workers (ranks 0..{})",
+                hello.rank,
+                self.workers,
+                self.workers - 1
+            ));
+        }
+        if hello.workers != 0 && hello.workers as usize != self.workers {
+            return Err(format!(
+                "job size mismatch: the worker expects {} workers, the server has {} (pass the same --workers to both)",
+                hello.workers, self.workers
+            ));
+        }
+        let dims = arena.parts().dims();
+        if hello.dims.len() != dims.len() {
+            return Err(format!(
+                "tensor count mismatch: the worker has {} tensors, the server {} (pass the same --dims to both)",
+                hello.dims.len(),
+                dims.len()
+            ));
+        }
+        if let Some(t) = (0..dims.len()).find(|&t| hello.dims[t] != dims[t] as u64) {
+            return Err(format!(
+                "tensor size mismatch: tensor {t} has {} floats on the worker, {} on the server (pass the same --dims to both)",
+                hello.dims[t], dims[t]
+            ));
+        }
+        if let Some(other) = self.index(hello.rank) {
+            let other = &self.peers[other].as_ref().expect("live peer").addr;
+            return Err(format!(
+                "rank {} is already connected from {other} (each worker needs its own --rank)",
+                hello.rank
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes what peer `idx` has queued and keeps its interest in writability up to date.
+    fn flush(&mut self, arena: &mut Arena, idx: usize) {
+        let p = self.peers[idx].as_mut().expect("live peer");
+        // Before the handshake nothing but a refusal is queued, and no slot is involved.
+        let rank = p.rank.unwrap_or(0);
+        let done = match p.out.flush(&mut p.stream, arena, rank) {
+            Ok(done) => done,
+            Err(e) => {
+                let e = p.io_err("write", e);
+                return self.fail(arena, idx, e);
+            }
+        };
+        if done == p.want_write {
+            if let Err(e) = self.reactor.modify(p.stream.as_fd(), p.token, !done) {
+                let e = p.io_err("epoll_ctl(MOD)", e.into());
+                return self.fail(arena, idx, e);
+            }
+            p.want_write = !done;
+        }
+    }
+
+    /// Tells the peer why (best effort: one non-blocking write) and closes.
+    fn send_error_and_close(
+        &mut self,
+        arena: &mut Arena,
+        idx: usize,
+        why: &str,
+        reason: Option<LeaveReason>,
+    ) {
+        if let Some(p) = self.peers[idx].as_mut() {
+            let frame = crate::protocol::control_frame(FrameKind::Error, 0, 0, why.as_bytes());
+            if p.out.is_empty() {
+                let _ = p.stream.write(&frame);
+            }
+            let _ = p.stream.shutdown(Shutdown::Write);
+        }
+        self.close(arena, idx, reason);
+    }
+
+    /// Refuses a handshake.
+    fn refuse(&mut self, arena: &mut Arena, idx: usize, why: &str) {
+        let peer = self.peers[idx].as_ref().expect("live peer").addr.clone();
+        self.pending.push(Event::Refused {
+            peer,
+            reason: why.to_string(),
+        });
+        self.send_error_and_close(arena, idx, why, None);
+    }
+
+    /// Drops a peer that failed.
+    fn fail(&mut self, arena: &mut Arena, idx: usize, e: PeerError) {
+        let p = self.peers[idx].as_ref().expect("live peer");
+        let why = e.to_string();
+        if p.rank.is_none() {
+            let peer = p.addr.clone();
+            self.pending.push(Event::Refused {
+                peer,
+                reason: why.clone(),
+            });
+            return self.send_error_and_close(arena, idx, &why, None);
+        }
+        self.send_error_and_close(arena, idx, &why, Some(LeaveReason::Failed(e)));
+    }
+
+    /// Closes peer `idx`. Its queued sends stop reading the arena; its slots are the server's to
+    /// reset when it handles [`Event::Left`].
+    fn close(&mut self, arena: &mut Arena, idx: usize, reason: Option<LeaveReason>) {
+        let Some(mut p) = self.peers[idx].take() else {
+            return;
+        };
+        self.reactor.delete(&p.stream);
+        p.out.abandon(arena);
+        self.free.push(idx);
+        if let Some(rank) = p.rank {
+            self.by_rank[rank as usize] = None;
+            self.pending.push(Event::Left {
+                rank,
+                reason: reason.unwrap_or(LeaveReason::Dropped("closed".into())),
+            });
+        }
+    }
+
+    /// Says goodbye to every worker and lingers until each has closed its end (so a worker in
+    /// the middle of a push sees the goodbye, not EPIPE), at most `grace`.
+    pub fn shutdown(&mut self, arena: &mut Arena, grace: Duration) {
+        for idx in 0..self.peers.len() {
+            match self.peers[idx].as_mut() {
+                Some(p) if p.rank.is_some() => {
+                    p.out.push_control(FrameKind::Bye, &[]);
+                    self.flush(arena, idx);
+                }
+                Some(_) => self.close(arena, idx, None),
+                None => {}
+            }
+        }
+        let deadline = Instant::now() + grace;
+        let mut scratch = vec![0u8; 256 * 1024];
+        loop {
+            for idx in 0..self.peers.len() {
+                if self.peers[idx].is_none() {
+                    continue;
+                }
+                self.flush(arena, idx);
+                let Some(p) = self.peers[idx].as_mut() else {
+                    continue;
+                };
+                let mut gone = false;
+                while !gone {
+                    match p.stream.read(&mut scratch) {
+                        Ok(0) => gone = true,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => gone = true,
+                    }
+                }
+                if gone {
+                    self.close(arena, idx, None);
+                }
+            }
+            if self.peers.iter().all(Option::is_none) || Instant::now() >= deadline {
+                break;
+            }
+            // Level-triggered: any peer with data or a pending write wakes us up.
+            self.reactor.wait_briefly(50);
+        }
+        for idx in 0..self.peers.len() {
+            self.close(arena, idx, None);
+        }
+        self.pending.clear();
+    }
+}
+
+/// One `read`, retried on EINTR: `None` when the socket has nothing now, `Some(0)` at EOF.
+fn read_nonblocking(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        match stream.read(buf) {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn listen(addr: SocketAddr) -> Result<TcpListener, TransportError> {
+    let err = |source: io::Error| {
+        let hint = match source.raw_os_error() {
+            Some(e) if e == Errno::EADDRINUSE as i32 => {
+                " (another process holds this port: pick another with --listen HOST:PORT, or port 0 for any free one)"
+            }
+            Some(e) if e == Errno::EADDRNOTAVAIL as i32 => {
+                " (no interface of this host has that address)"
+            }
+            Some(e) if e == Errno::EACCES as i32 => {
+                " (ports below 1024 need privileges: use a higher port)"
+            }
+            _ => "",
+        };
+        TransportError::Listen {
+            addr: addr.to_string(),
+            source,
+            hint,
+        }
+    };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_cloexec(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(1024).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    Ok(socket.into())
+}

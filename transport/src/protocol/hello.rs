@@ -1,0 +1,133 @@
+//! The handshake: the worker's [`Hello`] (who it is, the job it expects) and the server's
+//! [`Welcome`] (the partition size every tensor travels in).
+
+use super::{u32_at, u64_at, ProtocolError};
+use crate::protocol::parts::{MAX_PART_BYTES, MIN_PART_BYTES};
+
+/// Most tensors a job may declare.
+pub const MAX_TENSORS: usize = 65_536;
+
+/// The handshake a worker opens with: who it is and the job it expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The worker's rank, `0..workers`.
+    pub rank: u32,
+    /// How many workers the worker believes the job has; 0 when it does not know (the server
+    /// then checks the rank against its own job size).
+    pub workers: u32,
+    /// Elements (f32) of each tensor, in key order.
+    pub dims: Vec<u64>,
+    /// An [`FrameKind::RdmaConnect`](super::FrameKind::RdmaConnect) offer follows the welcome:
+    /// the server reports the worker as joined only once it has answered it, so no model goes out
+    /// before the transport is settled.
+    pub rdma: bool,
+}
+
+/// Hello flag bit: an RDMA offer follows.
+const HELLO_RDMA: u32 = 1;
+
+impl Hello {
+    /// The largest hello payload: one with [`MAX_TENSORS`] tensors.
+    pub const MAX_LEN: usize = 16 + 8 * MAX_TENSORS;
+
+    /// Encodes the hello payload (without the header).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16 + 8 * self.dims.len());
+        v.extend_from_slice(&self.rank.to_le_bytes());
+        v.extend_from_slice(&self.workers.to_le_bytes());
+        v.extend_from_slice(&(self.dims.len() as u32).to_le_bytes());
+        for d in &self.dims {
+            v.extend_from_slice(&d.to_le_bytes());
+        }
+        let flags = if self.rdma { HELLO_RDMA } else { 0 };
+        v.extend_from_slice(&flags.to_le_bytes());
+        v
+    }
+
+    /// Decodes a hello payload; rejects truncation, trailing bytes, no tensors, too many tensors,
+    /// zero-sized tensors and a rank outside the declared job (when one is declared).
+    pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
+        let truncated = |need| ProtocolError::Truncated {
+            what: "hello payload",
+            need,
+            have: b.len(),
+        };
+        if b.len() < 12 {
+            return Err(truncated(12));
+        }
+        let (rank, workers, n) = (u32_at(b, 0), u32_at(b, 4), u32_at(b, 8) as usize);
+        if n == 0 || n > MAX_TENSORS {
+            return Err(ProtocolError::BadHello(format!(
+                "{n} tensors declared (must be 1..={MAX_TENSORS})"
+            )));
+        }
+        let need = 12 + 8 * n + 4;
+        if b.len() < need {
+            return Err(truncated(need));
+        }
+        if b.len() > need {
+            return Err(ProtocolError::BadHello(format!(
+                "{} trailing bytes after {n} tensor sizes and the flags",
+                b.len() - need
+            )));
+        }
+        let flags = u32_at(b, need - 4);
+        if flags & !HELLO_RDMA != 0 {
+            return Err(ProtocolError::BadHello(format!(
+                "unknown hello flags {flags:#x}"
+            )));
+        }
+        let dims: Vec<u64> = (0..n).map(|k| u64_at(b, 12 + 8 * k)).collect();
+        if let Some(k) = dims.iter().position(|&d| d == 0) {
+            return Err(ProtocolError::BadHello(format!("tensor {k} has size 0")));
+        }
+        if workers != 0 && rank >= workers {
+            return Err(ProtocolError::BadHello(format!(
+                "rank {rank} is not in 0..{workers}"
+            )));
+        }
+        Ok(Self {
+            rank,
+            workers,
+            dims,
+            rdma: flags & HELLO_RDMA != 0,
+        })
+    }
+}
+
+/// The server's acceptance of a hello: how tensors are cut into parts on this job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Welcome {
+    /// Largest part in bytes: a tensor larger than this travels and synchronises in parts.
+    pub part_bytes: u64,
+}
+
+impl Welcome {
+    /// Payload length of a welcome.
+    pub const LEN: usize = 8;
+
+    /// Encodes the welcome payload.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        self.part_bytes.to_le_bytes()
+    }
+
+    /// Decodes a welcome payload; rejects a partition size the protocol does not allow.
+    pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
+        if b.len() != Self::LEN {
+            return Err(ProtocolError::Truncated {
+                what: "welcome payload",
+                need: Self::LEN,
+                have: b.len(),
+            });
+        }
+        let part_bytes = u64_at(b, 0);
+        if !(MIN_PART_BYTES as u64..=MAX_PART_BYTES as u64).contains(&part_bytes)
+            || !part_bytes.is_multiple_of(MIN_PART_BYTES as u64)
+        {
+            return Err(ProtocolError::BadHello(format!(
+                "partition size {part_bytes} bytes is not a multiple of {MIN_PART_BYTES} up to {MAX_PART_BYTES}"
+            )));
+        }
+        Ok(Self { part_bytes })
+    }
+}
