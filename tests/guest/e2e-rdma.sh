@@ -2,27 +2,31 @@
 # Runs inside the Soft-RoCE guest (busybox sh), from /opt/hetsync: hetsync end to end over RDMA.
 # 1. 4 workers, naive barrier, --transport rdma; 2. the same job over TCP: the two final models
 # must be byte-identical; 3. --transport auto picks RDMA here; 4. the timeout barrier with a
-# straggler over RDMA completes its rounds.
+# straggler over RDMA completes its rounds; 5. a job of three tensors in 64 KiB parts over RDMA
+# ends byte-identical to the same job over TCP.
 fail() { echo "e2e-rdma: FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; cat "$f"; done; exit 1; }
 
-run_job() { # name transport policy port extra-worker-args...
+MODEL="--dim 10007" ROUNDS=20 PARTS=""
+run_job() { # name transport policy port extra-worker-args... (uses $MODEL, $ROUNDS, $PARTS)
   name=$1 transport=$2 policy=$3 port=$4
   shift 4
-  ./hetsync server --listen 127.0.0.1:$port --workers 4 --dim 10007 --policy $policy \
-    --timeout-ms 20 --lr 0.5 --rounds 20 --transport $transport --progress 0 \
+  # shellcheck disable=SC2086
+  ./hetsync server --listen 127.0.0.1:$port --workers 4 $MODEL $PARTS --policy $policy \
+    --timeout-ms 20 --lr 0.5 --rounds $ROUNDS --transport $transport --progress 0 \
     --save-model /tmp/$name.f32 >/tmp/$name-server.log 2>&1 &
   spid=$!
   pids=""
   for r in 0 1 2 3; do
     extra=""
     [ "$r" = 3 ] && extra="$*"
-    ./hetsync worker --server 127.0.0.1:$port --rank $r --dim 10007 --compute-ms 0 \
+    # shellcheck disable=SC2086
+    ./hetsync worker --server 127.0.0.1:$port --rank $r $MODEL --compute-ms 0 \
       --transport $transport $extra >/tmp/$name-w$r.log 2>&1 &
     pids="$pids $!"
   done
   for p in $pids; do wait $p || fail "$name: a worker failed"; done
   wait $spid || fail "$name: the server failed"
-  grep -q "finished: 20 rounds" /tmp/$name-server.log || fail "$name: the server did not finish 20 rounds"
+  grep -q "finished: $ROUNDS rounds" /tmp/$name-server.log || fail "$name: the server did not finish $ROUNDS rounds"
   echo "e2e-rdma: $name: $(grep 'transport' /tmp/$name-server.log | head -1)"
   echo "e2e-rdma: $name: $(grep 'finished:' /tmp/$name-server.log)"
 }
@@ -44,4 +48,14 @@ echo "e2e-rdma: --transport auto chose RDMA"
 run_job straggler rdma timeout 7704 --straggle-ms 100
 grep -q "stragglers dropped [1-9]" /tmp/straggler-server.log || fail "the timeout barrier left no straggler behind"
 echo "e2e-rdma: the timeout barrier left the straggler behind over RDMA"
-echo "e2e-rdma: 4 passed, 0 failed"
+MODEL="--dims 1,1000,300000" ROUNDS=5 PARTS="--partition-kib 64"
+run_job parts-rdma rdma naive 7705
+grep -q "21 parts" /tmp/parts-rdma-server.log || fail "the job was not cut into 21 parts"
+for r in 0 1 2 3; do
+  grep -q "transport rdma on rxe0" /tmp/parts-rdma-w$r.log || fail "worker $r did not use RDMA"
+done
+run_job parts-tcp tcp naive 7706
+cmp /tmp/parts-rdma.f32 /tmp/parts-tcp.f32 || fail "three tensors in parts: RDMA and TCP ended with different models"
+[ "$(wc -c < /tmp/parts-rdma.f32)" -eq 1204004 ] || fail "the saved model is not 301,001 floats"
+echo "e2e-rdma: three tensors in 21 parts over RDMA end byte-identical to TCP"
+echo "e2e-rdma: 5 passed, 0 failed"
