@@ -14,6 +14,13 @@ pub struct Sgd {
 }
 
 impl Sgd {
+    /// One SGD step in place: `model -= lr * mean(grads)`, fused into one pass over memory.
+    pub fn step(&self, kernel: Kernel, model: &mut [f32], grads: &[&[f32]]) {
+        if !grads.is_empty() {
+            kernel.sum_scaled_into(model, grads, -self.lr / grads.len() as f32);
+        }
+    }
+
     /// One SGD step with the mean of `grads`: `next = model - lr * mean(grads)`, fused into one
     /// pass over memory. With no gradient, `next` is a copy of `model`.
     pub fn apply(&self, kernel: Kernel, next: &mut [f32], model: &[f32], grads: &[&[f32]]) {
@@ -38,5 +45,8 @@ mod tests {
         assert_eq!(next, [-1.0; 4]);
         Sgd { lr: 0.5 }.apply(Kernel::best(), &mut next, &[2.0; 4], &[]);
         assert_eq!(next, [2.0; 4]);
+        let mut model = [0.0f32; 4];
+        Sgd { lr: 0.5 }.step(Kernel::best(), &mut model, &[&[1.0; 4], &[3.0; 4]]);
+        assert_eq!(model, [-1.0; 4], "in place, the same step");
     }
 }

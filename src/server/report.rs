@@ -175,7 +175,10 @@ mod tests {
             arena.receive_into(0, key).unwrap().fill(0x3f); // 0x3f3f3f3f as f32: 0.7470...
             arena.hand_over(0, key, 0).unwrap();
             arena
-                .update(key, &[0], |next, _, g| next.copy_from_slice(g[0]))
+                .update(key, &[0], |target, g| match target {
+                    hetsync_transport::Update::InPlace(m) => m.copy_from_slice(g[0]),
+                    hetsync_transport::Update::Into { next, .. } => next.copy_from_slice(g[0]),
+                })
                 .unwrap();
         }
         save_model(&path, &arena).unwrap();

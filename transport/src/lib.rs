@@ -26,7 +26,7 @@ pub mod tcp;
 use std::io;
 use std::time::{Duration, Instant};
 
-pub use memory::{Arena, ArenaError, SlotState, Version};
+pub use memory::{Arena, ArenaError, SlotState, Update, Version};
 
 /// A worker's rank, `0..workers` (32 bits on the wire).
 pub type Rank = u32;

@@ -8,11 +8,13 @@
 //!   ([`Arena::hand_over`]) and back when the reply has gone ([`Arena::lend`]). A gradient can
 //!   only be read while held ([`Arena::gradient`]), and TCP can only receive into a lent slot
 //!   ([`Arena::receive_into`]): no `&[f32]` exists over memory a peer may write.
-//! - Each part has two model versions. An update reads the current one and writes the other,
-//!   which then becomes current; sends read a version and count as its readers
-//!   ([`Arena::start_send`], [`Arena::end_send`]), so an update never touches memory a send is
-//!   reading. Only if the other version still has a reader (a peer that left a whole round's model
-//!   unread) does [`Arena::update`] refuse, and the transport must first release that version.
+//! - Each part has two model versions. Sends read a version and count as its readers
+//!   ([`Arena::start_send`], [`Arena::end_send`]). An update rewrites the current version in
+//!   place when nothing reads it (the common case, and the cheapest: no second buffer to pull
+//!   into cache), and otherwise writes the other version, which then becomes current: an update
+//!   never touches memory a send is reading. Only if both versions have readers (a peer that left
+//!   a whole round's model unread) does [`Arena::update`] refuse, and the transport must first
+//!   release the older one.
 //!
 //! Layout: two version blocks, then one block per worker, each a [`BlockLayout`] (a stamp table,
 //! then each tensor contiguous and 64-byte aligned), so a worker's slots are one range that can be
@@ -57,6 +59,20 @@ impl Version {
     fn other(self) -> Version {
         Version(1 - self.0)
     }
+}
+
+/// Where an update writes, handed to the closure of [`Arena::update`].
+#[derive(Debug)]
+pub enum Update<'a> {
+    /// Nothing reads the current model: rewrite it in place.
+    InPlace(&'a mut [f32]),
+    /// The current model is being sent: write the next one from it.
+    Into {
+        /// The version that becomes current.
+        next: &'a mut [f32],
+        /// The current model.
+        model: &'a [f32],
+    },
 }
 
 /// Why a slot changed hands or an update was refused.
@@ -306,11 +322,12 @@ impl Arena {
         self.readers[key as usize][v.0 as usize]
     }
 
-    /// Closes a round of part `key`: calls `f(next, current, gradients)` with the version that
-    /// becomes current (to write), the current one (to read) and the held gradients of
-    /// `participants`, then makes `next` current at the following round. Returns that round.
+    /// Closes a round of part `key`: calls `f(target, gradients)` with where the new model goes
+    /// ([`Update`]) and the held gradients of `participants`; the new model is then current at
+    /// the following round, which is returned.
     ///
-    /// Fails, changing nothing, when `next` is still being sent ([`ArenaError::VersionBusy`]).
+    /// Fails, changing nothing, when both versions are being sent ([`ArenaError::VersionBusy`]
+    /// names the one to release).
     ///
     /// # Panics
     /// If a participant's slot is not held: the caller may only sum gradients it was handed.
@@ -318,10 +335,14 @@ impl Arena {
         &mut self,
         key: Key,
         participants: &[Rank],
-        f: impl FnOnce(&mut [f32], &[f32], &[&[f32]]),
+        f: impl FnOnce(Update<'_>, &[&[f32]]),
     ) -> Result<Clock, ArenaError> {
         let cur = self.current(key);
-        let next = cur.other();
+        let next = if self.readers(key, cur) == 0 {
+            cur
+        } else {
+            cur.other()
+        };
         if self.readers(key, next) > 0 {
             return Err(ArenaError::VersionBusy { key, version: next });
         }
@@ -333,13 +354,15 @@ impl Arena {
             })
             .collect();
         // SAFETY: `next` has no readers (checked) and is not remotely writable; it is disjoint
-        // from `cur` and from every slot; `&mut self` excludes every other borrow of it.
-        let dst = unsafe { self.bytes_mut(self.version_data(key, next)) };
-        f(
-            bytemuck::cast_slice_mut(dst),
-            bytemuck::cast_slice(self.version_bytes(key, cur)),
-            &grads,
-        );
+        // from every slot (and from `cur` when it is not `cur`); `&mut self` excludes every other
+        // borrow of it.
+        let dst = bytemuck::cast_slice_mut(unsafe { self.bytes_mut(self.version_data(key, next)) });
+        if next == cur {
+            f(Update::InPlace(dst), &grads);
+        } else {
+            let model = bytemuck::cast_slice(self.version_bytes(key, cur));
+            f(Update::Into { next: dst, model }, &grads);
+        }
         let round = self.round(key) + 1;
         self.rounds[key as usize][next.0 as usize] = round;
         // SAFETY: as above: the stamp belongs to `next`, which nobody reads.
@@ -433,9 +456,14 @@ mod tests {
         Arena::new(workers, Parts::new(dims, part_bytes).unwrap()).unwrap()
     }
 
-    fn sum(dst: &mut [f32], base: &[f32], grads: &[&[f32]]) {
-        for (i, d) in dst.iter_mut().enumerate() {
-            *d = base[i] + grads.iter().map(|g| g[i]).sum::<f32>();
+    fn sum(target: Update<'_>, grads: &[&[f32]]) {
+        let add = |i: usize| grads.iter().map(|g| g[i]).sum::<f32>();
+        match target {
+            Update::InPlace(m) => m.iter_mut().enumerate().for_each(|(i, d)| *d += add(i)),
+            Update::Into { next, model } => next
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, d)| *d = model[i] + add(i)),
         }
     }
 
@@ -502,6 +530,23 @@ mod tests {
     }
 
     #[test]
+    fn an_update_goes_in_place_when_nothing_reads_the_model() {
+        let mut a = arena(1, &[4], 1024);
+        a.receive_into(0, 0)
+            .unwrap()
+            .copy_from_slice(bytemuck::cast_slice(&[1.0f32; 4]));
+        a.hand_over(0, 0, 0).unwrap();
+        let mut in_place = false;
+        let round = a.update(0, &[0], |t, g| {
+            in_place = matches!(t, Update::InPlace(_));
+            sum(t, g)
+        });
+        assert_eq!(round, Ok(1));
+        assert!(in_place);
+        assert_eq!((a.current(0), a.model(0)), (Version(0), &[1.0f32; 4][..]));
+    }
+
+    #[test]
     fn an_update_writes_the_other_version_and_never_one_being_sent() {
         let mut a = arena(2, &[4], 1024);
         for (w, v) in [(0, 1.0f32), (1, 2.0)] {
@@ -517,7 +562,8 @@ mod tests {
         assert_eq!(a.round(0), 1);
         // The version being sent is untouched.
         assert_eq!(a.version_bytes(0, sent), &[0u8; 16]);
-        // The next update would write it: refused until its send ends.
+        // With both versions being sent, the next update is refused until the older send ends.
+        let (newer, _) = a.start_send(0);
         assert_eq!(
             a.update(0, &[0], sum),
             Err(ArenaError::VersionBusy {
@@ -525,6 +571,7 @@ mod tests {
                 version: sent
             })
         );
+        a.end_send(0, newer);
         assert_eq!(a.model(0), &[3.0; 4], "a refused update changes nothing");
         a.end_send(0, sent);
         assert_eq!(a.update(0, &[0], sum), Ok(2));

@@ -3,9 +3,11 @@
 //! built from them: the server's ([`ServerEnd`]) and the worker's ([`WorkerEnd`]).
 
 pub mod connection;
+mod handshake;
 pub mod outbox;
 pub mod reactor;
 mod server_end;
+mod socket;
 mod worker_end;
 
 pub use server_end::{ListenConfig, ServerEnd};

@@ -204,9 +204,14 @@ mod tests {
         a
     }
 
-    fn add(dst: &mut [f32], base: &[f32], g: &[&[f32]]) {
-        for i in 0..dst.len() {
-            dst[i] = base[i] + g[0][i];
+    fn add(target: crate::Update<'_>, g: &[&[f32]]) {
+        match target {
+            crate::Update::InPlace(m) => m.iter_mut().zip(g[0]).for_each(|(d, x)| *d += x),
+            crate::Update::Into { next, model } => {
+                for i in 0..next.len() {
+                    next[i] = model[i] + g[0][i];
+                }
+            }
         }
     }
 
@@ -240,16 +245,27 @@ mod tests {
             blocked: false,
         };
         assert!(!o.flush(&mut w, &mut a, 0).unwrap());
-        // Round 1 closes into version 1; round 2 would write version 0, which is being sent.
+        // Round 1 closes into version 1 (version 0 is being sent), which is queued too; round 2
+        // then finds both versions being read.
         a.update(0, &[0], add).unwrap();
-        assert!(a.update(0, &[0], add).is_err());
+        o.push_model(&mut a, 0);
+        assert_eq!(
+            a.update(0, &[0], add),
+            Err(crate::ArenaError::VersionBusy {
+                key: 0,
+                version: Version(0)
+            })
+        );
         o.detach(&mut a, 0, Version(0));
         a.update(0, &[0], add).unwrap();
         assert_eq!(a.model(0), &[2.0; 256]);
         while !o.flush(&mut w, &mut a, 0).unwrap() {}
         let h = Header::decode(&w.out[..HEADER_LEN]).unwrap();
         assert_eq!((h.kind, h.clock), (FrameKind::Model, 0));
-        assert!(w.out[HEADER_LEN..].iter().all(|&b| b == 0), "torn model");
+        let first = &w.out[HEADER_LEN..HEADER_LEN + 1024];
+        assert!(first.iter().all(|&b| b == 0), "torn model");
+        let second = &w.out[2 * HEADER_LEN + 1024..];
+        assert_eq!(second, bytemuck::cast_slice::<f32, u8>(&[1.0; 256]));
         assert_eq!(a.slot_state(0, 0), SlotState::Lent);
     }
 }

@@ -13,12 +13,11 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use socket2::{Domain, Protocol, Socket, Type};
-
 use super::connection::{Connection, Frame, Target};
+use super::handshake;
 use super::outbox::Outbox;
 use super::reactor::{Reactor, Ready, LISTENER, WATCH};
+use super::socket::{listen, read_nonblocking};
 use crate::protocol::{FrameKind, Hello, ProtocolError, Welcome};
 use crate::{Arena, Event, Key, LeaveReason, PeerError, Rank, TransportError, Version};
 
@@ -419,42 +418,10 @@ impl ServerEnd {
 
     /// Whether a hello describes this job and its rank is free.
     fn admit(&self, hello: &Hello, arena: &Arena) -> Result<(), String> {
-        if hello.rank as usize >= self.workers {
-            return Err(format!(
-                "rank {} is out of range: the job has {} workers (ranks 0..{})",
-                hello.rank,
-                self.workers,
-                self.workers - 1
-            ));
-        }
-        if hello.workers != 0 && hello.workers as usize != self.workers {
-            return Err(format!(
-                "job size mismatch: the worker expects {} workers, the server has {} (pass the same --workers to both)",
-                hello.workers, self.workers
-            ));
-        }
-        let dims = arena.parts().dims();
-        if hello.dims.len() != dims.len() {
-            return Err(format!(
-                "tensor count mismatch: the worker has {} tensors, the server {} (pass the same --dims to both)",
-                hello.dims.len(),
-                dims.len()
-            ));
-        }
-        if let Some(t) = (0..dims.len()).find(|&t| hello.dims[t] != dims[t] as u64) {
-            return Err(format!(
-                "tensor size mismatch: tensor {t} has {} floats on the worker, {} on the server (pass the same --dims to both)",
-                hello.dims[t], dims[t]
-            ));
-        }
-        if let Some(other) = self.index(hello.rank) {
-            let other = &self.peers[other].as_ref().expect("live peer").addr;
-            return Err(format!(
-                "rank {} is already connected from {other} (each worker needs its own --rank)",
-                hello.rank
-            ));
-        }
-        Ok(())
+        let holder = self
+            .index(hello.rank)
+            .map(|i| self.peers[i].as_ref().expect("live peer").addr.as_str());
+        handshake::admit(hello, self.workers, arena.parts().dims(), holder)
     }
 
     /// Writes what peer `idx` has queued and keeps its interest in writability up to date.
@@ -588,46 +555,4 @@ impl ServerEnd {
         }
         self.pending.clear();
     }
-}
-
-/// One `read`, retried on EINTR: `None` when the socket has nothing now, `Some(0)` at EOF.
-fn read_nonblocking(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    loop {
-        match stream.read(buf) {
-            Ok(n) => return Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn listen(addr: SocketAddr) -> Result<TcpListener, TransportError> {
-    let err = |source: io::Error| {
-        let hint = match source.raw_os_error() {
-            Some(e) if e == Errno::EADDRINUSE as i32 => {
-                " (another process holds this port: pick another with --listen HOST:PORT, or port 0 for any free one)"
-            }
-            Some(e) if e == Errno::EADDRNOTAVAIL as i32 => {
-                " (no interface of this host has that address)"
-            }
-            Some(e) if e == Errno::EACCES as i32 => {
-                " (ports below 1024 need privileges: use a higher port)"
-            }
-            _ => "",
-        };
-        TransportError::Listen {
-            addr: addr.to_string(),
-            source,
-            hint,
-        }
-    };
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
-    socket.set_reuse_address(true).map_err(err)?;
-    socket.set_cloexec(true).map_err(err)?;
-    socket.bind(&addr.into()).map_err(err)?;
-    socket.listen(1024).map_err(err)?;
-    socket.set_nonblocking(true).map_err(err)?;
-    Ok(socket.into())
 }
