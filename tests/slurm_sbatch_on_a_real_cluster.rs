@@ -146,8 +146,10 @@ fn hetsync_sbatch_runs_on_a_real_three_node_slurm() {
                 .join("cluster-scripts/hetsync.sbatch")
                 .to_str()
                 .unwrap(),
-            "--dim",
-            "1000",
+            "--dims",
+            "1000,3000",
+            "--partition-kib",
+            "4",
             "--policy",
             "naive",
             "--lr",
@@ -173,14 +175,17 @@ fn hetsync_sbatch_runs_on_a_real_three_node_slurm() {
     assert!(out.contains("transport: tcp"), "{out}");
     assert!(out.contains("finished: 20 rounds"), "{out}");
     assert!(out.contains("hetsync.sbatch: done"), "{out}");
-    let mean = mean_target(2, 0, 1000, 1);
-    let closed: Vec<f32> = mean.iter().map(|m| m * (1.0 - 0.5f32.powi(20))).collect();
+    // Two tensors, the second in three parts: each key reaches its closed form.
     let got = read_model(&model);
-    assert!(
-        max_abs_diff(&got, &closed) < 1e-5,
-        "off the closed form by {}",
-        max_abs_diff(&got, &closed)
-    );
+    assert_eq!(got.len(), 4000, "both tensors, in key order");
+    let mut at = 0;
+    for (key, dim) in [(0, 1000), (1, 3000)] {
+        let mean = mean_target(2, key, dim, 1);
+        let closed: Vec<f32> = mean.iter().map(|m| m * (1.0 - 0.5f32.powi(20))).collect();
+        let diff = max_abs_diff(&got[at..at + dim], &closed);
+        assert!(diff < 1e-5, "key {key} is off the closed form by {diff}");
+        at += dim;
+    }
 
     // A job whose workers cannot reach the server: it must fail, within its time limit, and say why.
     let started = Instant::now();
