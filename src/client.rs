@@ -15,26 +15,16 @@
 //! ```
 //! use std::sync::atomic::AtomicBool;
 //! use hetsync::client::{Client, ConnectOptions, Status};
-//! use hetsync::server::{Server, ServerConfig, DEFAULT_PARTITION_BYTES};
+//! use hetsync::server::{Server, ServerConfig};
 //! use hetsync::sync::BarrierMode;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dims = vec![1000, 10];
 //! let (server, _) = Server::bind(ServerConfig {
-//!     listen: "127.0.0.1:0".parse()?,
-//!     workers: 2,
-//!     dims: dims.clone(),
-//!     partition_bytes: DEFAULT_PARTITION_BYTES,
 //!     mode: BarrierMode::Naive,
 //!     lr: 0.5,
 //!     rounds: Some(3),
-//!     duration: None,
-//!     progress: None,
-//!     log_events: false,
-//!     round_log: None,
-//!     save_model: None,
-//!     transport: Default::default(),
-//!     rdma: Default::default(),
+//!     ..ServerConfig::new("127.0.0.1:0".parse()?, 2, dims.clone())
 //! })?;
 //! let addr = server.local_addr().to_string();
 //! let stop = AtomicBool::new(false);

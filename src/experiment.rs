@@ -89,20 +89,11 @@ pub fn policy_name(mode: BarrierMode) -> &'static str {
 pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, TrialError> {
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
     let (server, _) = Server::bind(ServerConfig {
-        listen,
-        workers: trial.workers as usize,
-        dims: vec![trial.dim],
-        partition_bytes: crate::server::DEFAULT_PARTITION_BYTES,
         mode: trial.mode,
         lr: trial.lr,
-        rounds: None,
         duration: Some(trial.duration),
-        progress: None,
-        log_events: false,
-        round_log: None,
-        save_model: None,
         transport: Choice::Tcp,
-        rdma: RdmaSelect::default(),
+        ..ServerConfig::new(listen, trial.workers as usize, vec![trial.dim])
     })?;
     let addr = server.local_addr().to_string();
     let stop = AtomicBool::new(false);

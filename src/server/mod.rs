@@ -69,6 +69,30 @@ pub struct ServerConfig {
     pub rdma: RdmaSelect,
 }
 
+impl ServerConfig {
+    /// A job of `workers` workers and tensors of `dims` floats on `listen`, with the defaults of
+    /// `hetsync server`: the timeout barrier at 10 ms, learning rate 0.1, 1 MiB parts, no round
+    /// limit, quiet, the transport chosen automatically.
+    pub fn new(listen: SocketAddr, workers: usize, dims: Vec<usize>) -> Self {
+        Self {
+            listen,
+            workers,
+            dims,
+            partition_bytes: DEFAULT_PARTITION_BYTES,
+            mode: BarrierMode::Timeout(Duration::from_millis(10)),
+            lr: 0.1,
+            rounds: None,
+            duration: None,
+            progress: None,
+            log_events: false,
+            round_log: None,
+            save_model: None,
+            transport: Choice::Auto,
+            rdma: RdmaSelect::default(),
+        }
+    }
+}
+
 /// Counters of a run. Rounds are key rounds: a key's round closes once all its parts closed it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ServerStats {
@@ -437,20 +461,9 @@ mod tests {
     #[test]
     fn stop_is_seen_even_before_any_worker_joins() {
         let (server, _) = Server::bind(ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            workers: 2,
-            dims: vec![8, 3],
-            partition_bytes: DEFAULT_PARTITION_BYTES,
             mode: BarrierMode::Naive,
-            lr: 0.1,
-            rounds: None,
-            duration: None,
-            progress: None,
-            log_events: false,
-            round_log: None,
-            save_model: None,
             transport: Choice::Tcp,
-            rdma: RdmaSelect::default(),
+            ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), 2, vec![8, 3])
         })
         .unwrap();
         let stop = AtomicBool::new(false);

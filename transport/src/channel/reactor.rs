@@ -130,8 +130,8 @@ impl Reactor {
         Ok(())
     }
 
-    /// Waits at most until `deadline` for readiness, without touching the timer (for
-    /// shutdown's bounded lingering).
+    /// Waits at most `ms` milliseconds for readiness and discards it, without touching the timer
+    /// (shutdown's bounded lingering, which then polls every connection itself).
     pub fn wait_briefly(&mut self, ms: u16) {
         let _ = self.epoll.wait(&mut self.events, EpollTimeout::from(ms));
     }
