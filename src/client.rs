@@ -5,7 +5,8 @@
 //! Each tensor (key) has a model buffer and a gradient buffer owned by the link (registered
 //! memory on RDMA). A key's model may be read and its gradient written between
 //! [`Client::wait`] and the next [`Client::push`] of that key; after the push and until the
-//! wait returns, the server is writing its model (on RDMA, straight into that memory).
+//! wait returns, the NIC reads the one and the server writes the other (on RDMA, straight into
+//! that memory), so the accessors panic then rather than hand out a slice.
 //!
 //! # Example
 //!
@@ -173,13 +174,30 @@ impl Client {
     }
 
     /// Tensor `key`'s latest model.
+    ///
+    /// # Panics
+    /// While the key's model is awaited (between [`push`](Self::push) and [`wait`](Self::wait)):
+    /// the server is writing it then.
     pub fn model(&self, key: usize) -> &[f32] {
+        self.check_idle(key);
         self.link.model(key)
     }
 
     /// Tensor `key`'s latest model and its gradient buffer, to compute the gradient in place.
+    ///
+    /// # Panics
+    /// While the key's model is awaited: the link is still sending the gradient and the server
+    /// writing the model.
     pub fn tensor(&mut self, key: usize) -> (&[f32], &mut [f32]) {
+        self.check_idle(key);
         self.link.tensor(key)
+    }
+
+    fn check_idle(&self, key: usize) {
+        assert_eq!(
+            self.awaited[key], 0,
+            "key {key}'s buffers are in use until its model comes back: wait({key}) first"
+        );
     }
 
     /// The round of tensor `key`'s model: the oldest round among its parts.
@@ -194,10 +212,7 @@ impl Client {
     /// # Panics
     /// If the key's model is still awaited (push only after [`wait`](Self::wait) for it).
     pub fn push(&mut self, key: usize) -> Result<(), LinkError> {
-        assert_eq!(
-            self.awaited[key], 0,
-            "key {key} was pushed while its model is still awaited"
-        );
+        self.check_idle(key);
         for p in self.link.parts().of_tensor(key) {
             self.link.push(p, self.rounds[p as usize])?;
             self.awaiting[p as usize] = true;

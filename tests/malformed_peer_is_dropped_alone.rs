@@ -201,3 +201,75 @@ fn a_second_push_before_the_reply_is_refused_and_its_round_loses_nothing() {
     assert_eq!(bye.kind, FrameKind::Bye);
     server.success();
 }
+
+#[test]
+fn a_push_before_reading_the_first_models_is_summed_and_nothing_breaks() {
+    // 8 MiB in 1 MiB parts: the first models queue in the server while this peer pushes part 7
+    // without reading them. Their going out later must not hand the held slot back.
+    const DIM: usize = 1 << 21;
+    const PART: usize = 1 << 18;
+    let dir = common::scratch("early-push");
+    let model = dir.join("model.f32");
+    let (mut server, addr) = Proc::server(&[
+        "--workers",
+        "2",
+        "--dim",
+        &DIM.to_string(),
+        "--partition-kib",
+        "1024",
+        "--policy",
+        "naive",
+        "--lr",
+        "0.5",
+        "--rounds",
+        "1",
+        "--save-model",
+        model.to_str().unwrap(),
+    ]);
+    let mut raw = Raw::connect(&addr);
+    socket2::SockRef::from(&raw.0)
+        .set_recv_buffer_size(64 * 1024)
+        .unwrap();
+    let hello = Hello {
+        rank: 0,
+        workers: 2,
+        dims: vec![DIM as u64],
+        rdma: false,
+    };
+    raw.send(&control_frame(FrameKind::Hello, 0, 0, &hello.encode()));
+    let h = raw.header();
+    raw.payload(&h);
+    let mut other = Proc::worker(&addr, 1, DIM, &["--compute-ms", "0", "--rounds", "1"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let push = |raw: &mut Raw, key: u32| {
+        let body: Vec<u8> = [1.0f32; PART]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        raw.send(&Header::new(FrameKind::Push, key, 0, body.len() as u64).encode());
+        raw.send(&body);
+    };
+    push(&mut raw, 7);
+    for _ in 0..8 {
+        assert_eq!(raw.model().0, 0);
+    }
+    for key in 0..7 {
+        push(&mut raw, key);
+    }
+    for _ in 0..8 {
+        assert_eq!(raw.model().0, 1);
+    }
+    server.success();
+    other.success();
+    // Round 1 from zero: -0.5 * mean(1, 0 - target_1) everywhere, part 7 included.
+    let got = common::read_model(&model);
+    let t1 = hetsync::worker::target(1, 0, DIM, 1);
+    for i in [0, PART * 7, DIM - 1] {
+        let want = -0.5 * (1.0 - t1[i]) / 2.0;
+        assert!(
+            (got[i] - want).abs() < 1e-6,
+            "element {i}: {} != {want}",
+            got[i]
+        );
+    }
+}

@@ -366,9 +366,6 @@ impl<T: Transport> Server<T> {
                     self.tensors.policy(key).on_leave(rank, now);
                     self.drive(key, now)?;
                 }
-                // Every round that could take its gradients has been performed: its slots are
-                // free for whoever takes the rank next.
-                self.arena.reset_worker(rank);
                 self.log(format_args!("worker {rank} left: {reason}"));
             }
             Event::Refused { peer, reason } => {
@@ -394,6 +391,9 @@ impl<T: Transport> Server<T> {
                     self.transport.send_model(&mut self.arena, rank, key);
                 }
                 Action::DiscardLate { rank, clock, .. } => {
+                    // Done with that gradient: the slot is the worker's again (the policy serves
+                    // it the current model next).
+                    self.arena.lend(rank, key);
                     if self.tensors.first_late(key, rank, clock) {
                         self.stats.late_dropped += 1;
                     }
@@ -404,7 +404,8 @@ impl<T: Transport> Server<T> {
         Ok(())
     }
 
-    /// Closes `round` of part `key`: the SGD step into the part's next model version.
+    /// Closes `round` of part `key`: the SGD step over the participants' gradients, then their
+    /// slots go back to them.
     fn close(
         &mut self,
         key: Key,
@@ -414,26 +415,30 @@ impl<T: Transport> Server<T> {
         cause: CloseCause,
         now: Instant,
     ) -> Result<(), ServerError> {
+        // A participant whose connection ended since its push has had its slots lent again (the
+        // transport does that before the rank can be taken anew): its gradient left with it.
+        let held: Vec<Rank> = participants
+            .iter()
+            .copied()
+            .filter(|&r| self.arena.gradient(r, key).is_some())
+            .collect();
         let (sgd, kernel) = (self.sgd, self.kernel);
-        loop {
-            match self
-                .arena
-                .update(key, participants, |target, grads| match target {
-                    Update::InPlace(model) => sgd.step(kernel, model, grads),
-                    Update::Into { next, model } => sgd.apply(kernel, next, model, grads),
-                }) {
-                Ok(_) => break,
-                // Both versions are being sent: a slow reader of the older one gets its own copy.
-                Err(ArenaError::VersionBusy { version, .. }) => {
-                    self.transport.release(&mut self.arena, key, version)
-                }
-                Err(e) => unreachable!("update only fails on a busy version: {e}"),
-            }
+        let step = |arena: &mut Arena| {
+            arena.update(key, &held, |target, grads| match target {
+                Update::InPlace(model) => sgd.step(kernel, model, grads),
+                Update::Into { next, model } => sgd.apply(kernel, next, model, grads),
+            })
+        };
+        if let Err(ArenaError::VersionBusy { version, .. }) = step(&mut self.arena) {
+            // Both versions are being sent: a slow reader of the older one gets its own copy.
+            self.transport.release(&mut self.arena, key, version);
+            step(&mut self.arena).expect("a released version has no readers");
         }
-        let Some(done) = self
-            .tensors
-            .part_closed(key, round, participants, missing, cause)
-        else {
+        for &r in &held {
+            self.arena.lend(r, key);
+        }
+        let missing = missing + (participants.len() - held.len());
+        let Some(done) = self.tensors.part_closed(key, round, &held, missing, cause) else {
             return Ok(());
         };
         self.stats.rounds = self.tensors.job_rounds();

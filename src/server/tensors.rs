@@ -22,7 +22,7 @@ pub(crate) struct KeyRound {
     pub participants: Vec<Rank>,
     /// Workers whose gradient is in some parts only, with those parts' indices in the tensor.
     pub partial: Vec<(Rank, Vec<u32>)>,
-    /// Workers in the job whose gradient missed at least one part.
+    /// Workers in the job whose gradient missed at least one part of the key.
     pub missing: usize,
     /// `Timeout` if any part closed by timeout.
     pub cause: CloseCause,
@@ -34,7 +34,8 @@ struct Assembly {
     parts_closed: u32,
     /// For each worker, the parts (index in the tensor) its gradient is in.
     seen: BTreeMap<Rank, Vec<u32>>,
-    missing: usize,
+    /// Workers in the job when a part closed (participants plus missing), at most.
+    members: usize,
     timeout: bool,
 }
 
@@ -177,7 +178,7 @@ impl Tensors {
         }
         let a = &mut k.open[at];
         a.parts_closed += 1;
-        a.missing = a.missing.max(missing);
+        a.members = a.members.max(participants.len() + missing);
         a.timeout |= cause == CloseCause::Timeout;
         for &r in participants {
             a.seen.entry(r).or_default().push(part.index);
@@ -190,11 +191,12 @@ impl Tensors {
             .seen
             .into_iter()
             .partition(|(_, ps)| ps.len() == k.parts as usize);
+        let participants: Vec<Rank> = all.into_iter().map(|(r, _)| r).collect();
         let done = KeyRound {
             key: part.tensor,
             round,
-            participants: all.into_iter().map(|(r, _)| r).collect(),
-            missing: a.missing.max(some.len()),
+            missing: a.members.saturating_sub(participants.len()),
+            participants,
             partial: some,
             cause: if a.timeout {
                 CloseCause::Timeout
@@ -250,6 +252,18 @@ mod tests {
         assert_eq!(done.missing, 1);
         assert_eq!(done.cause, CloseCause::Timeout);
         assert_eq!(t.job_rounds(), 1);
+    }
+
+    #[test]
+    fn a_worker_missing_any_part_counts_as_missing_from_the_key_round() {
+        // 4 workers; part 0 has {0, 1}, part 1 has {0, 2}: workers 1, 2 and 3 each missed a part.
+        let mut t = Tensors::new(Parts::new(&[300], 1024).unwrap(), BarrierMode::Naive, 4);
+        assert_eq!(t.part_closed(0, 0, &[0, 1], 2, CloseCause::Timeout), None);
+        let done = t
+            .part_closed(1, 0, &[0, 2], 2, CloseCause::Timeout)
+            .unwrap();
+        assert_eq!(done.participants, vec![0]);
+        assert_eq!(done.missing, 3);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub mod tcp;
 use std::io;
 use std::time::{Duration, Instant};
 
-pub use memory::{Arena, ArenaError, SlotState, Update, Version};
+pub use memory::{Arena, ArenaError, ArenaPin, SlotState, Update, Version};
 
 /// A worker's rank, `0..workers` (32 bits on the wire).
 pub type Rank = u32;
@@ -187,10 +187,10 @@ pub trait Transport {
         deadline: Option<Instant>,
     ) -> Result<(), TransportError>;
 
-    /// Sends worker `rank` part `key`'s current model (stamped with its round) and hands the
-    /// worker's slot of that part back to it once the reply has gone. A peer that is gone is
-    /// ignored; a send that fails drops that peer and is reported by the next
-    /// [`poll`](Transport::poll) as [`Event::Left`].
+    /// Sends worker `rank` part `key`'s current model, stamped with its round. A peer that is
+    /// gone is ignored; a send that fails drops that peer and is reported by the next
+    /// [`poll`](Transport::poll) as [`Event::Left`]. When a peer's connection ends, the transport
+    /// lends all its slots again ([`Arena::reset_worker`]) before it admits that rank anew.
     fn send_model(&mut self, arena: &mut Arena, rank: Rank, key: Key);
 
     /// Makes sure no send reads version `version` of part `key` any more, so an update may
@@ -275,7 +275,9 @@ pub trait WorkerLink {
     fn model(&self, t: usize) -> &[f32];
 
     /// Sends part `key` of its tensor's gradient buffer, computed on the model of round `clock`.
-    /// The part's buffer may be written again as soon as this returns.
+    /// The part's gradient may be written again, and its model read, only once that part's model
+    /// has come back ([`wait_model`](WorkerLink::wait_model)): over RDMA the NIC reads the one
+    /// and writes the other in the meantime.
     fn push(&mut self, key: Key, clock: Clock) -> Result<(), LinkError>;
 
     /// Blocks until the server sends a part's model (or says goodbye).

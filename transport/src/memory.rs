@@ -4,10 +4,12 @@
 //!
 //! Ownership is explicit, because on RDMA a peer writes into its slots without the CPU:
 //! - A slot is [`SlotState::Lent`] to its worker (it may write it) or [`SlotState::Held`] by the
-//!   server. The transport hands a slot over when a push is complete
-//!   ([`Arena::hand_over`]) and back when the reply has gone ([`Arena::lend`]). A gradient can
-//!   only be read while held ([`Arena::gradient`]), and TCP can only receive into a lent slot
-//!   ([`Arena::receive_into`]): no `&[f32]` exists over memory a peer may write.
+//!   server. The transport hands a slot over when a push is complete ([`Arena::hand_over`]); the
+//!   server core hands it back once it is done with the gradient, summed or dropped
+//!   ([`Arena::lend`]), which is before its reply goes out; the transport lends every slot of a
+//!   worker again when its connection ends ([`Arena::reset_worker`]). A gradient can only be read
+//!   while held ([`Arena::gradient`]), and TCP can only receive into a lent slot
+//!   ([`Arena::receive_into`]): no `&[f32]` exists over memory a peer is entitled to write.
 //! - Each part has two model versions. Sends read a version and count as its readers
 //!   ([`Arena::start_send`], [`Arena::end_send`]). An update rewrites the current version in
 //!   place when nothing reads it (the common case, and the cheapest: no second buffer to pull
@@ -28,6 +30,7 @@
 
 use std::io;
 use std::ops::Range;
+use std::sync::Arc;
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -99,11 +102,16 @@ pub enum ArenaError {
     },
 }
 
+/// Keeps an arena's memory mapped for as long as it lives, even past the arena: what a NIC
+/// registration of that memory holds (see [`Arena::pin`]).
+#[derive(Debug, Clone)]
+pub struct ArenaPin(#[allow(dead_code)] Arc<MmapMut>);
+
 /// The arena. See the [module documentation](self).
 #[derive(Debug)]
 pub struct Arena {
     /// Keeps the memory mapped; only reached through `base`.
-    _map: MmapMut,
+    map: Arc<MmapMut>,
     base: *mut u8,
     len: usize,
     parts: Parts,
@@ -159,7 +167,7 @@ impl Arena {
         let n = parts.len();
         Ok(Self {
             base: map.as_mut_ptr(),
-            _map: map,
+            map: Arc::new(map),
             len,
             workers,
             block,
@@ -193,10 +201,22 @@ impl Arena {
         false
     }
 
-    /// Start of the mapping, for registering it with a NIC. The mapping never moves while the
-    /// arena lives; memory is only accessed through the arena's methods.
+    /// Start of the mapping, for registering it with a NIC. The mapping never moves; it stays
+    /// mapped while the arena or a [`pin`](Self::pin) of it lives; memory is only read and
+    /// written through the arena's methods.
     pub fn base_ptr(&mut self) -> *mut u8 {
         self.base
+    }
+
+    /// A handle that keeps the memory mapped even if the arena is dropped first: a registration
+    /// of the arena with a NIC holds one, so the NIC can never write unmapped memory.
+    pub fn pin(&self) -> ArenaPin {
+        ArenaPin(self.map.clone())
+    }
+
+    /// Whether this is the arena `pin` was taken from.
+    pub fn is_pinned_by(&self, pin: &ArenaPin) -> bool {
+        Arc::ptr_eq(&self.map, &pin.0)
     }
 
     /// How each block (a version, or one worker's slots) is laid out.
@@ -409,8 +429,10 @@ impl Arena {
             return Err(ArenaError::SlotHeld { rank, key });
         }
         let at = shift(self.block.stamp(key), self.worker_block(rank).start);
-        // SAFETY: the worker's write completed (the caller saw its completion); a worker that
-        // keeps writing its own stamp out of turn only corrupts its own clock.
+        // SAFETY: the worker's write completed (the caller saw its completion) and by protocol it
+        // writes this slot again only after its reply. A misbehaving RDMA peer that writes out
+        // of turn races with this read: any bit pattern is a valid u64, so it garbles only its
+        // own clock (the bytes are copied out at once).
         let stamp = unsafe { self.bytes(at) };
         let clock = Clock::from_le_bytes(stamp.try_into().expect("STAMP_LEN bytes"));
         self.slots[i] = SlotState::Held { clock };
@@ -422,21 +444,25 @@ impl Arena {
         if !matches!(self.slot_state(rank, key), SlotState::Held { .. }) {
             return None;
         }
-        // SAFETY: a held slot is the server's: the worker handed it over and may not write it
-        // again before its reply (a worker that writes out of turn corrupts only its own
-        // contribution); on TCP only `receive_into`, which needs `&mut self`, writes slots.
+        // SAFETY: a held slot is the server's: the worker handed it over and by protocol may not
+        // write it again before its reply. On TCP only `receive_into`, which needs `&mut self`,
+        // writes slots, so nothing can. On RDMA a misbehaving peer that writes out of turn races
+        // with this read, which the protocol cannot prevent short of deregistering the slot per
+        // push; every bit pattern is a valid f32, so it garbles only its own contribution.
         Some(bytemuck::cast_slice(unsafe {
             self.bytes(self.slot_data(rank, key))
         }))
     }
 
-    /// Hands worker `rank`'s slot of part `key` back to it (its reply has gone out).
+    /// Hands worker `rank`'s slot of part `key` back to it: the server is done with the gradient
+    /// (summed or dropped), and the reply that lets the worker push again follows.
     pub fn lend(&mut self, rank: Rank, key: Key) {
         let i = self.slot_index(rank, key);
         self.slots[i] = SlotState::Lent;
     }
 
-    /// Worker `rank` is gone: every slot of it is lent again, for whoever takes its rank next.
+    /// Worker `rank`'s connection is gone: every slot of it is lent again, for whoever takes its
+    /// rank next (the transport calls this before it admits anyone for that rank).
     pub fn reset_worker(&mut self, rank: Rank) {
         let n = self.parts.len();
         let at = rank as usize * n;

@@ -70,11 +70,6 @@ impl Connection {
         self.joined = true;
     }
 
-    /// Whether the handshake was accepted.
-    pub fn joined(&self) -> bool {
-        self.joined
-    }
-
     /// Where the next bytes go. Never empty.
     pub fn target(&mut self) -> Target<'_> {
         match self.frame {
@@ -148,13 +143,6 @@ impl Connection {
             (None, _) => "in the middle of a frame header",
             (Some(_), _) => "in the middle of a frame payload",
         }
-    }
-
-    /// Whether a push's payload is being received (its slot is being written).
-    pub fn mid_push(&self) -> Option<Key> {
-        self.frame
-            .filter(|h| h.kind == FrameKind::Push)
-            .map(|h| h.key)
     }
 }
 
@@ -362,6 +350,5 @@ mod tests {
         b.copy_from_slice(&f[5..HEADER_LEN]);
         assert_eq!(c.advance(HEADER_LEN - 5, &p), Ok(None));
         assert_eq!(c.at_eof(), "in the middle of a frame payload");
-        assert_eq!(c.mid_push(), Some(0));
     }
 }

@@ -3,25 +3,19 @@
 //! A model is queued as a reference to a version in the [`Arena`] (counted as a reader there, so
 //! no update writes it) and goes out by `writev` straight from the arena; only when an update must
 //! reuse that version while a peer still has not read it ([`Outbox::detach`]) is the unsent rest
-//! copied, into this peer's queue alone. When a model has gone out whole, the worker's slot of
-//! that part is handed back to it.
+//! copied, into this peer's queue alone.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
 use crate::protocol::{control_frame, FrameKind, Header};
-use crate::{Arena, Key, Rank, Version};
+use crate::{Arena, Key, Version};
 
 /// A piece of the queue.
 #[derive(Debug)]
 enum Segment {
-    /// Owned bytes (headers, control frames, detached models), sent from `pos` on; once sent,
-    /// the worker's slot of part `lend` (if any) goes back to it.
-    Bytes {
-        buf: Vec<u8>,
-        pos: usize,
-        lend: Option<Key>,
-    },
+    /// Owned bytes (headers, control frames, detached models), sent from `pos` on.
+    Bytes { buf: Vec<u8>, pos: usize },
     /// Version `version` of part `key`, still in the arena, sent from `pos` on.
     Model {
         key: Key,
@@ -65,7 +59,6 @@ impl Outbox {
         self.segs.push_back(Segment::Bytes {
             buf: control_frame(kind, 0, 0, payload),
             pos: 0,
-            lend: None,
         });
     }
 
@@ -78,7 +71,6 @@ impl Outbox {
                 .encode()
                 .to_vec(),
             pos: 0,
-            lend: None,
         });
         self.segs.push_back(Segment::Model {
             key,
@@ -88,9 +80,9 @@ impl Outbox {
     }
 
     /// Writes what is queued, several segments per `writev`, until the writer would block.
-    /// Returns whether everything went out. Models that went out whole hand worker `rank`'s slot
-    /// back and stop reading their version.
-    pub fn flush(&mut self, w: &mut impl Write, arena: &mut Arena, rank: Rank) -> io::Result<bool> {
+    /// Returns whether everything went out. Models that went out whole stop reading their
+    /// version.
+    pub fn flush(&mut self, w: &mut impl Write, arena: &mut Arena) -> io::Result<bool> {
         while !self.segs.is_empty() {
             let mut slices = [IoSlice::new(&[]); IOV];
             let n = self.segs.len().min(IOV);
@@ -108,7 +100,11 @@ impl Outbox {
                             break;
                         }
                         written -= left;
-                        self.finish_front(arena, rank);
+                        if let Segment::Model { key, version, .. } =
+                            self.segs.pop_front().expect("a segment")
+                        {
+                            arena.end_send(key, version);
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -119,19 +115,6 @@ impl Outbox {
         Ok(true)
     }
 
-    fn finish_front(&mut self, arena: &mut Arena, rank: Rank) {
-        match self.segs.pop_front().expect("a segment") {
-            Segment::Model { key, version, .. } => {
-                arena.end_send(key, version);
-                arena.lend(rank, key);
-            }
-            Segment::Bytes {
-                lend: Some(key), ..
-            } => arena.lend(rank, key),
-            Segment::Bytes { .. } => {}
-        }
-    }
-
     /// Copies the unsent rest of every queued send of version `version` of part `key` into this
     /// queue, so the arena may change that version (the peer still gets, whole, the model it was
     /// stamped with).
@@ -140,11 +123,7 @@ impl Outbox {
             if matches!(*seg, Segment::Model { key: k, version: v, .. } if k == key && v == version)
             {
                 let buf = seg.remaining(arena).to_vec();
-                *seg = Segment::Bytes {
-                    buf,
-                    pos: 0,
-                    lend: Some(key),
-                };
+                *seg = Segment::Bytes { buf, pos: 0 };
                 arena.end_send(key, version);
             }
         }
@@ -164,7 +143,6 @@ impl Outbox {
 mod tests {
     use super::*;
     use crate::protocol::{Parts, HEADER_LEN};
-    use crate::SlotState;
 
     /// A writer that takes at most `cap` bytes per call, then would block once.
     struct Trickle {
@@ -216,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn a_model_goes_out_whole_by_reference_and_then_hands_the_slot_back() {
+    fn a_model_goes_out_whole_by_reference_and_then_stops_reading_its_version() {
         let mut a = held_arena();
         let mut o = Outbox::default();
         o.push_model(&mut a, 0);
@@ -226,12 +204,11 @@ mod tests {
             cap: 100,
             blocked: false,
         };
-        while !o.flush(&mut w, &mut a, 0).unwrap() {
-            assert!(matches!(a.slot_state(0, 0), SlotState::Held { .. }));
+        while !o.flush(&mut w, &mut a).unwrap() {
+            assert_eq!(a.readers(0, Version(0)), 1, "read while queued");
         }
         assert_eq!(w.out.len(), HEADER_LEN + 1024);
         assert_eq!(a.readers(0, Version(0)), 0);
-        assert_eq!(a.slot_state(0, 0), SlotState::Lent);
     }
 
     #[test]
@@ -244,7 +221,7 @@ mod tests {
             cap: 200,
             blocked: false,
         };
-        assert!(!o.flush(&mut w, &mut a, 0).unwrap());
+        assert!(!o.flush(&mut w, &mut a).unwrap());
         // Round 1 closes into version 1 (version 0 is being sent), which is queued too; round 2
         // then finds both versions being read.
         a.update(0, &[0], add).unwrap();
@@ -259,13 +236,14 @@ mod tests {
         o.detach(&mut a, 0, Version(0));
         a.update(0, &[0], add).unwrap();
         assert_eq!(a.model(0), &[2.0; 256]);
-        while !o.flush(&mut w, &mut a, 0).unwrap() {}
+        while !o.flush(&mut w, &mut a).unwrap() {}
         let h = Header::decode(&w.out[..HEADER_LEN]).unwrap();
         assert_eq!((h.kind, h.clock), (FrameKind::Model, 0));
         let first = &w.out[HEADER_LEN..HEADER_LEN + 1024];
         assert!(first.iter().all(|&b| b == 0), "torn model");
         let second = &w.out[2 * HEADER_LEN + 1024..];
         assert_eq!(second, bytemuck::cast_slice::<f32, u8>(&[1.0; 256]));
-        assert_eq!(a.slot_state(0, 0), SlotState::Lent);
+        assert_eq!(a.readers(0, Version(0)), 0);
+        assert_eq!(a.readers(0, Version(1)), 0);
     }
 }

@@ -146,11 +146,6 @@ impl ServerEnd {
         std::mem::take(&mut self.offers)
     }
 
-    /// Whether an event is waiting to be delivered (the next wait must not block).
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
     /// Queues an event for the next delivery.
     pub fn report(&mut self, ev: Event) {
         self.pending.push(ev);
@@ -377,7 +372,8 @@ impl ServerEnd {
                 };
                 p.out.push_control(FrameKind::Welcome, &welcome.encode());
                 self.flush(arena, idx);
-                if !hello.rdma {
+                // A peer the welcome could not be written to is gone already (and reported).
+                if !hello.rdma && self.peers[idx].is_some() {
                     self.pending.push(Event::Joined { rank: hello.rank });
                 }
             }
@@ -423,9 +419,7 @@ impl ServerEnd {
     /// Writes what peer `idx` has queued and keeps its interest in writability up to date.
     fn flush(&mut self, arena: &mut Arena, idx: usize) {
         let p = self.peers[idx].as_mut().expect("live peer");
-        // Before the handshake nothing but a refusal is queued, and no slot is involved.
-        let rank = p.rank.unwrap_or(0);
-        let done = match p.out.flush(&mut p.stream, arena, rank) {
+        let done = match p.out.flush(&mut p.stream, arena) {
             Ok(done) => done,
             Err(e) => {
                 let e = p.io_err("write", e);
@@ -484,8 +478,9 @@ impl ServerEnd {
         self.send_error_and_close(arena, idx, &why, Some(LeaveReason::Failed(e)));
     }
 
-    /// Closes peer `idx`. Its queued sends stop reading the arena; its slots are the server's to
-    /// reset when it handles [`Event::Left`].
+    /// Closes peer `idx`. Its queued sends stop reading the arena, and its slots are lent again
+    /// before anyone else may take its rank (the server sums only slots it holds, so a round
+    /// that still counts this worker simply goes without it).
     fn close(&mut self, arena: &mut Arena, idx: usize, reason: Option<LeaveReason>) {
         let Some(mut p) = self.peers[idx].take() else {
             return;
@@ -494,6 +489,7 @@ impl ServerEnd {
         p.out.abandon(arena);
         self.free.push(idx);
         if let Some(rank) = p.rank {
+            arena.reset_worker(rank);
             self.by_rank[rank as usize] = None;
             self.pending.push(Event::Left {
                 rank,

@@ -63,9 +63,10 @@ pub enum FrameKind {
     Bye = 5,
     /// Either way: the sender refuses or drops the peer; payload is UTF-8 text saying why.
     Error = 6,
-    /// Either way, right after the handshake: the sender's RDMA endpoint and the buffers the
+    /// Either way, right after the handshake: the sender's RDMA endpoint and the buffer the
     /// other side may write ([`RdmaParams`]). From the server, an empty payload means "no RDMA
-    /// here: carry on over TCP".
+    /// here: carry on over TCP"; from the worker, an empty payload after the server's answer means
+    /// "my queue pair is connected and my receives are posted": only then has it joined.
     RdmaConnect = 7,
 }
 

@@ -3,6 +3,7 @@
 //! part comes back the same way into a registered buffer; the channel's [`WorkerEnd`] carries the
 //! handshake, goodbyes and errors.
 
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,8 @@ pub struct RdmaClient {
     local: Local,
     /// Part writes posted and not completed.
     inflight: u32,
+    /// Models that landed (their receives already re-posted) and were not handed out yet.
+    landed: VecDeque<Incoming>,
     completions: Vec<Completion>,
     control: WorkerEnd,
 }
@@ -118,13 +121,13 @@ impl RdmaClient {
             lid: accept.lid,
         };
         qp.connect(local.path, psn, &remote)?;
-        // Receives need a connected queue pair; the server writes a model only after this
-        // worker has joined, which the server reports once it has answered this offer, so they
-        // are posted in time.
+        // Receives need a connected queue pair. The server writes models only once this worker
+        // has joined, which it reports only after the "ready" below.
         for i in 0..RECV_DEPTH {
             qp.post_recv_imm(u64::from(i))?;
         }
         recv_cq.arm()?;
+        control.send_control(FrameKind::RdmaConnect, &[])?;
         Ok(Upgrade::Rdma(Box::new(RdmaClient {
             qp,
             grads,
@@ -140,6 +143,7 @@ impl RdmaClient {
             _pd: pd,
             local,
             inflight: 0,
+            landed: VecDeque::new(),
             completions: Vec::new(),
             control,
         })))
@@ -163,36 +167,47 @@ impl RdmaClient {
         Ok(())
     }
 
-    /// Takes model completions without waiting; returns the first model notification.
-    fn take_model(&mut self) -> Result<Option<Incoming>, LinkError> {
+    /// Takes every model that landed (without waiting), re-posting its receive at once so the
+    /// receive queue never runs dry while this worker is busy pushing.
+    fn drain_models(&mut self) -> Result<(), LinkError> {
         self.reap_sends()?;
         self.completions.clear();
-        self.recv_cq.poll(&mut self.completions, 1)?;
-        let Some(c) = self.completions.pop() else {
-            return Ok(None);
-        };
-        match c.result {
-            Ok(Completed::RecvRdmaWithImm { imm: key, len }) => {
-                self.qp.post_recv_imm(c.wr_id)?;
-                let part = self.control.parts().get(key).map_err(|e| {
-                    LinkError::NoRdma(format!("the server wrote an unknown part: {e}"))
-                })?;
-                if part.bytes() != len as usize {
-                    return Err(LinkError::NoRdma(format!(
-                        "the server wrote {len} bytes of part {key}, which has {}",
-                        part.bytes()
-                    )));
+        self.recv_cq.poll(&mut self.completions, usize::MAX)?;
+        for c in std::mem::take(&mut self.completions) {
+            match c.result {
+                Ok(Completed::RecvRdmaWithImm { imm: key, len }) => {
+                    self.qp.post_recv_imm(c.wr_id)?;
+                    let part = self.control.parts().get(key).map_err(|e| {
+                        LinkError::NoRdma(format!("the server wrote an unknown part: {e}"))
+                    })?;
+                    if part.bytes() != len as usize {
+                        return Err(LinkError::NoRdma(format!(
+                            "the server wrote {len} bytes of part {key}, which has {}",
+                            part.bytes()
+                        )));
+                    }
+                    // The stamp was written just before the data, on the same queue pair.
+                    let stamp = &self.models.bytes()[self.block.stamp(key)];
+                    let round = Clock::from_le_bytes(stamp.try_into().expect("8 bytes"));
+                    self.landed.push_back(Incoming::Model { key, round });
                 }
-                // The stamp was written just before the data, on the same queue pair.
-                let stamp = &self.models.bytes()[self.block.stamp(key)];
-                let round = Clock::from_le_bytes(stamp.try_into().expect("8 bytes"));
-                Ok(Some(Incoming::Model { key, round }))
+                Ok(other) => {
+                    return Err(LinkError::NoRdma(format!(
+                        "unexpected completion {other:?}"
+                    )))
+                }
+                Err(e) => return Err(e.into()),
             }
-            Ok(other) => Err(LinkError::NoRdma(format!(
-                "unexpected completion {other:?}"
-            ))),
-            Err(e) => Err(e.into()),
         }
+        Ok(())
+    }
+
+    /// The next model that landed, if any (without waiting).
+    fn take_model(&mut self) -> Result<Option<Incoming>, LinkError> {
+        if self.landed.is_empty() {
+            self.drain_models()?;
+        }
+        Ok(self.landed.pop_front())
     }
 }
 
@@ -214,6 +229,7 @@ impl WorkerLink for RdmaClient {
     }
 
     fn push(&mut self, key: Key, clock: Clock) -> Result<(), LinkError> {
+        self.drain_models()?;
         let deadline = Instant::now() + SEND_LIMIT;
         while self.inflight >= MAX_INFLIGHT {
             self.reap_sends()?;

@@ -36,7 +36,8 @@ pub(crate) const MAX_INFLIGHT: u32 = 128;
 /// Send queue depth: two work requests per part write.
 pub(crate) const SEND_DEPTH: u32 = 2 * MAX_INFLIGHT;
 /// Receives kept posted per queue pair (each WRITE_WITH_IMM consumes one; the peer has at most
-/// [`MAX_INFLIGHT`] in flight).
+/// [`MAX_INFLIGHT`] in flight, and both sides re-post as they reap, including the worker while it
+/// pushes).
 pub(crate) const RECV_DEPTH: u32 = MAX_INFLIGHT + 8;
 /// Work-request id bit marking a stamp write (its completion only says it went).
 pub(crate) const STAMP_WR: u64 = 1 << 31;

@@ -13,7 +13,7 @@ use hetsync_ffi::{
 use super::{random_psn, Local, RdmaConfig, MAX_INFLIGHT, RECV_DEPTH, SEND_DEPTH, STAMP_WR};
 use crate::channel::{ListenConfig, ServerEnd};
 use crate::protocol::{FrameKind, RdmaParams};
-use crate::{Arena, Event, Key, Rank, Transport, TransportError, Version};
+use crate::{Arena, ArenaPin, Event, Key, Rank, Transport, TransportError, Version};
 
 /// How long `release` waits for model writes reading a version before dropping their peers.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
@@ -22,6 +22,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 struct Peer {
     qp: QueuePair,
     _slots: MemoryRegion<ExternalMemory>,
+    /// The worker has connected its queue pair and posted its receives: it has joined.
+    ready: bool,
     /// The worker's model buffer (laid out as the arena's blocks).
     models: RemoteBuffer,
     /// Model writes posted and not completed, in posting order (completions come in order).
@@ -31,8 +33,8 @@ struct Peer {
 }
 
 /// The RDMA transport, server side. Field order is teardown order: queue pairs and
-/// registrations before the CQs, PD and device. The arena they register belongs to the server,
-/// which drops its transport first.
+/// registrations before the CQs, PD and device, and the pin that keeps the registered arena
+/// memory mapped last of all.
 pub struct RdmaServer {
     peers: Vec<Option<Peer>>,
     /// Queue pair number -> rank, for the receive completions of pushes.
@@ -44,6 +46,8 @@ pub struct RdmaServer {
     local: Local,
     completions: Vec<Completion>,
     end: ServerEnd,
+    /// The arena registered: every call must lend this one.
+    arena: ArenaPin,
 }
 
 impl std::fmt::Debug for RdmaServer {
@@ -55,7 +59,8 @@ impl std::fmt::Debug for RdmaServer {
     }
 }
 
-/// Registers `arena[range]` in place.
+/// Registers `arena[range]` in place. The registration must not outlive `pin` (a field of the
+/// same [`RdmaServer`], declared after every registration).
 fn register(
     pd: &ProtectionDomain,
     arena: &mut Arena,
@@ -63,15 +68,16 @@ fn register(
     access: Access,
 ) -> Result<MemoryRegion<ExternalMemory>, VerbsError> {
     assert!(range.end <= arena.len());
-    // SAFETY: the range lies inside the arena's mapping, which never moves and is unmapped only
-    // when the arena drops; the server that owns both drops its transport (and with it every
-    // registration) before the arena.
+    // SAFETY: the range lies inside the arena's mapping, which never moves and stays mapped while
+    // a pin of it lives; the RdmaServer holding this registration holds a pin and drops it after
+    // every registration (field order).
     let mem = unsafe { ExternalMemory::new(arena.base_ptr().add(range.start), range.len()) };
     pd.register(mem, access)
 }
 
 impl RdmaServer {
-    /// Listens like the TCP transport, opens the RDMA device and registers `arena`.
+    /// Listens like the TCP transport, opens the RDMA device and registers `arena` (keeping its
+    /// memory mapped for as long as the transport lives). Every later call must lend this arena.
     pub fn bind(
         cfg: &ListenConfig,
         arena: &mut Arena,
@@ -85,13 +91,16 @@ impl RdmaServer {
         let workers = cfg.workers.max(1) as i32;
         let send_cq = local
             .ctx
-            .create_cq((workers * SEND_DEPTH as i32 + 64).min(1 << 20), false)?;
+            .create_cq((workers * SEND_DEPTH as i32 + 64).min(1 << 20), true)?;
         let recv_cq = local
             .ctx
             .create_cq((workers * RECV_DEPTH as i32 + 64).min(1 << 20), true)?;
-        let fd = recv_cq.fd().expect("created with a channel");
-        end.watch(channel_fd(fd))?;
-        recv_cq.arm()?;
+        // Both wake the event loop: receives are pushes, send completions free room for models
+        // waiting in a backlog.
+        for cq in [&send_cq, &recv_cq] {
+            end.watch(channel_fd(cq.fd().expect("created with a channel")))?;
+            cq.arm()?;
+        }
         let all = 0..arena.len();
         let arena_mr = register(&pd, arena, all, Access::LOCAL_WRITE)?;
         Ok(Self {
@@ -104,6 +113,7 @@ impl RdmaServer {
             local,
             completions: Vec::new(),
             end,
+            arena: arena.pin(),
         })
     }
 
@@ -117,7 +127,8 @@ impl RdmaServer {
         self.local.describe()
     }
 
-    /// Sets up the queue pair for a worker that offered RDMA, and answers it.
+    /// Sets up the queue pair for a worker that offered RDMA, and answers it. The worker joins
+    /// once it says it is ready ([`on_ready`](Self::on_ready)).
     fn accept(&mut self, arena: &mut Arena, rank: Rank, payload: &[u8]) -> Result<(), String> {
         let offer = RdmaParams::decode(payload).map_err(|e| e.to_string())?;
         let want = arena.block_layout().len() as u64;
@@ -172,7 +183,6 @@ impl RdmaServer {
         };
         self.end
             .send_control(arena, rank, FrameKind::RdmaConnect, &reply.encode());
-        self.end.complete_join(rank);
         self.remove_peer(arena, rank);
         self.by_qpn.insert(qp.qpn(), rank);
         self.peers[rank as usize] = Some(Peer {
@@ -185,8 +195,25 @@ impl RdmaServer {
             },
             inflight: VecDeque::new(),
             backlog: VecDeque::new(),
+            ready: false,
         });
         Ok(())
+    }
+
+    /// Worker `rank` has connected its queue pair and posted its receives (an empty offer after
+    /// the answer): only now may models be written to it, so only now has it joined.
+    fn on_ready(&mut self, arena: &mut Arena, rank: Rank) {
+        match self.peers[rank as usize].as_mut() {
+            Some(peer) if !peer.ready => {
+                peer.ready = true;
+                self.end.complete_join(rank);
+            }
+            _ => self.drop_peer(
+                arena,
+                rank,
+                "said it was ready for RDMA without an accepted offer",
+            ),
+        }
     }
 
     /// Tears down worker `rank`'s queue pair and registration (the one place a peer goes): the
@@ -211,8 +238,7 @@ impl RdmaServer {
     }
 
     /// Posts worker `rank`'s model write of part `key`: its round stamp, then its data with the
-    /// part's index as the immediate. The worker's slot is handed back at once: the server no
-    /// longer reads it, and the worker writes it only after this write has landed.
+    /// part's index as the immediate.
     fn post_model(&mut self, arena: &mut Arena, rank: Rank, key: Key) {
         let peer = self.peers[rank as usize].as_mut().expect("an RDMA peer");
         let (version, _) = arena.start_send(key);
@@ -243,7 +269,6 @@ impl RdmaServer {
                 })
         };
         peer.inflight.push_back((key, version));
-        arena.lend(rank, key);
         if let Err(e) = posted {
             self.drop_peer(arena, rank, &format!("posting the model write failed: {e}"));
         }
@@ -285,10 +310,10 @@ impl RdmaServer {
     }
 
     fn on_send(&mut self, arena: &mut Arena, c: Completion) {
-        let rank = (c.wr_id >> 32) as Rank;
-        let Some(peer) = self.peers.get_mut(rank as usize).and_then(Option::as_mut) else {
-            return;
+        let Some(&rank) = self.by_qpn.get(&c.qp_num) else {
+            return; // a late completion of a queue pair already destroyed
         };
+        let peer = self.peers[rank as usize].as_mut().expect("found by qpn");
         if let Err(e) = c.result {
             if !e.is_flushed() {
                 self.drop_peer(arena, rank, &format!("writing the model failed: {e}"));
@@ -338,6 +363,10 @@ impl Transport for RdmaServer {
         events: &mut Vec<Event>,
         deadline: Option<Instant>,
     ) -> Result<(), TransportError> {
+        assert!(
+            arena.is_pinned_by(&self.arena),
+            "an RDMA transport must be lent the arena it registered"
+        );
         self.end.poll(arena, events, deadline)?;
         for ev in events.iter() {
             if let Event::Left { rank, .. } = ev {
@@ -345,7 +374,9 @@ impl Transport for RdmaServer {
             }
         }
         for (rank, payload) in self.end.take_offers() {
-            if let Err(why) = self.accept(arena, rank, &payload) {
+            if payload.is_empty() {
+                self.on_ready(arena, rank);
+            } else if let Err(why) = self.accept(arena, rank, &payload) {
                 // The worker goes on over TCP if it may (auto); one that insists on RDMA leaves.
                 self.remove_peer(arena, rank);
                 self.end.report(Event::Refused {
@@ -356,8 +387,10 @@ impl Transport for RdmaServer {
             }
         }
         if self.end.take_watch_ready() {
-            self.recv_cq.ack_events()?;
-            self.recv_cq.arm()?;
+            for cq in [&self.send_cq, &self.recv_cq] {
+                cq.ack_events()?;
+                cq.arm()?;
+            }
         }
         // Polled after arming: nothing that arrived in between is missed. What this finds is
         // delivered by the next poll, which then does not wait.
@@ -368,7 +401,7 @@ impl Transport for RdmaServer {
         let Some(peer) = self.peers.get_mut(rank as usize).and_then(Option::as_mut) else {
             return self.end.send_model(arena, rank, key);
         };
-        if peer.inflight.len() >= MAX_INFLIGHT as usize {
+        if peer.inflight.len() >= MAX_INFLIGHT as usize || !peer.backlog.is_empty() {
             peer.backlog.push_back(key);
             return;
         }
