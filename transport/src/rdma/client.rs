@@ -41,6 +41,8 @@ pub struct RdmaClient {
     inflight: u32,
     /// Models that landed (their receives already re-posted) and were not handed out yet.
     landed: VecDeque<Incoming>,
+    /// The server said goodbye (seen while pushing): nothing more will come.
+    ended: bool,
     completions: Vec<Completion>,
     control: WorkerEnd,
 }
@@ -144,6 +146,7 @@ impl RdmaClient {
             local,
             inflight: 0,
             landed: VecDeque::new(),
+            ended: false,
             completions: Vec::new(),
             control,
         })))
@@ -202,6 +205,23 @@ impl RdmaClient {
         Ok(())
     }
 
+    /// Waits up to `ms` for the control connection to become readable; when it does, reads what
+    /// came (the server's goodbye, or its error).
+    fn watch_control(&mut self, ms: i32) -> Result<(), LinkError> {
+        let mut fd = libc::pollfd {
+            fd: self.control.stream().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut fd, 1, ms) };
+        if n > 0 && fd.revents != 0 {
+            self.control.read_shutdown()?;
+            self.ended = true;
+        }
+        Ok(())
+    }
+
     /// The next model that landed, if any (without waiting).
     fn take_model(&mut self) -> Result<Option<Incoming>, LinkError> {
         if self.landed.is_empty() {
@@ -231,14 +251,22 @@ impl WorkerLink for RdmaClient {
     fn push(&mut self, key: Key, clock: Clock) -> Result<(), LinkError> {
         self.drain_models()?;
         let deadline = Instant::now() + SEND_LIMIT;
-        while self.inflight >= MAX_INFLIGHT {
+        while self.inflight >= MAX_INFLIGHT && !self.ended {
             self.reap_sends()?;
+            if self.inflight < MAX_INFLIGHT {
+                break;
+            }
             if Instant::now() > deadline {
                 return Err(LinkError::NoRdma(format!(
                     "part writes did not complete within {SEND_LIMIT:?}"
                 )));
             }
-            std::hint::spin_loop();
+            // A server that has ended the run stops taking writes: watch for its goodbye.
+            self.watch_control(1)?;
+        }
+        if self.ended {
+            // The run is over; the next wait says so.
+            return Ok(());
         }
         let (stamp, data) = (self.block.stamp(key), self.block.data(key));
         self.grads.bytes_mut()[stamp.clone()].copy_from_slice(&clock.to_le_bytes());
@@ -271,6 +299,9 @@ impl WorkerLink for RdmaClient {
         loop {
             if let Some(m) = self.take_model()? {
                 return Ok(m);
+            }
+            if self.ended {
+                return Ok(Incoming::Shutdown);
             }
             let cq_fd = self.recv_cq.fd().expect("created with a channel");
             let mut fds = [
