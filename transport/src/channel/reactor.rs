@@ -37,6 +37,8 @@ pub struct Reactor {
     timer: TimerFd,
     /// The deadline the timer is armed for.
     armed: Option<Instant>,
+    /// `timerfd_settime` calls so far.
+    timer_sets: u64,
     events: Vec<EpollEvent>,
 }
 
@@ -66,6 +68,7 @@ impl Reactor {
             epoll,
             timer,
             armed: None,
+            timer_sets: 0,
             events: vec![EpollEvent::empty(); 256],
         })
     }
@@ -149,6 +152,48 @@ impl Reactor {
         }
         .map_err(|e| TransportError::os("timerfd_settime", e))?;
         self.armed = deadline;
+        self.timer_sets += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_timer_is_set_only_when_the_deadline_changes() {
+        use std::io::Write;
+        let mut r = Reactor::new().unwrap();
+        // A socket that stays readable wakes every wait at once: many passes, one deadline.
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        tx.write_all(b"x").unwrap();
+        r.add_reader(rx.as_fd(), WATCH).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            r.wait(Some(deadline), &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 100, "every pass saw the socket");
+        assert_eq!(r.timer_sets, 1, "one timerfd_settime for one deadline");
+        // A deadline already past does not touch the timer at all.
+        r.wait(Some(Instant::now()), &mut out).unwrap();
+        assert_eq!(r.timer_sets, 1);
+        // A new deadline sets it once more, and so does dropping it.
+        r.wait(Some(deadline + Duration::from_secs(1)), &mut out)
+            .unwrap();
+        r.wait(None, &mut out).unwrap();
+        assert_eq!(r.timer_sets, 3);
+    }
+
+    #[test]
+    fn the_timer_ends_the_wait() {
+        let mut r = Reactor::new().unwrap();
+        let mut out = Vec::new();
+        let soon = Instant::now() + Duration::from_millis(20);
+        r.wait(Some(soon), &mut out).unwrap();
+        assert!(Instant::now() >= soon, "woke before the deadline");
+        assert!(out.is_empty());
     }
 }
