@@ -194,6 +194,9 @@ impl Client {
     }
 
     fn check_idle(&self, key: usize) {
+        if self.shutdown {
+            return; // the server finished its writes before saying goodbye
+        }
         assert_eq!(
             self.awaited[key], 0,
             "key {key}'s buffers are in use until its model comes back: wait({key}) first"
@@ -216,8 +219,8 @@ impl Client {
         for p in self.link.parts().of_tensor(key) {
             self.link.push(p, self.rounds[p as usize])?;
             self.awaiting[p as usize] = true;
+            self.awaited[key] += 1;
         }
-        self.awaited[key] = self.link.parts().of_tensor(key).len();
         Ok(())
     }
 

@@ -89,6 +89,8 @@ pub struct ServerEnd {
     pending: Vec<Event>,
     /// RDMA offers (rank, payload) for a transport on top to answer.
     offers: Vec<(Rank, Vec<u8>)>,
+    /// Ranks whose connection ended while their join was pending (an offer being answered).
+    abandoned: Vec<Rank>,
     /// The watched fd became readable.
     watch_ready: bool,
     ready: Vec<Ready>,
@@ -116,6 +118,7 @@ impl ServerEnd {
             workers: cfg.workers,
             pending: Vec::new(),
             offers: Vec::new(),
+            abandoned: Vec::new(),
             watch_ready: false,
             ready: Vec::new(),
         })
@@ -132,6 +135,20 @@ impl ServerEnd {
         self.reactor
             .add_reader(fd, WATCH)
             .map_err(|e| TransportError::os("epoll_ctl(ADD watched fd)", e))
+    }
+
+    /// Ranks whose connection ended, since the last call, before their join completed: no
+    /// [`Event::Left`] is reported for them (they never joined), but whatever a transport set
+    /// up for their offer must go. Call before [`take_offers`](Self::take_offers).
+    pub fn take_abandoned(&mut self) -> Vec<Rank> {
+        std::mem::take(&mut self.abandoned)
+    }
+
+    /// Whether worker `rank` is connected with its join pending (an offer being answered): an
+    /// offer taken from a connection that has ended since is stale.
+    pub fn joining(&self, rank: Rank) -> bool {
+        self.index(rank)
+            .is_some_and(|i| self.peers[i].as_ref().is_some_and(|p| p.join_pending))
     }
 
     /// Whether the watched fd became readable since the last call.
@@ -491,10 +508,15 @@ impl ServerEnd {
         if let Some(rank) = p.rank {
             arena.reset_worker(rank);
             self.by_rank[rank as usize] = None;
-            self.pending.push(Event::Left {
-                rank,
-                reason: reason.unwrap_or(LeaveReason::Dropped("closed".into())),
-            });
+            // A peer whose join was still pending never joined: nothing to report it left.
+            if p.join_pending {
+                self.abandoned.push(rank);
+            } else {
+                self.pending.push(Event::Left {
+                    rank,
+                    reason: reason.unwrap_or(LeaveReason::Dropped("closed".into())),
+                });
+            }
         }
     }
 

@@ -131,6 +131,9 @@ impl RdmaServer {
     /// once it says it is ready ([`on_ready`](Self::on_ready)).
     fn accept(&mut self, arena: &mut Arena, rank: Rank, payload: &[u8]) -> Result<(), String> {
         let offer = RdmaParams::decode(payload).map_err(|e| e.to_string())?;
+        if self.peers[rank as usize].is_some() {
+            return Err("a second RDMA offer on one connection".into());
+        }
         let want = arena.block_layout().len() as u64;
         if offer.len < want {
             return Err(format!(
@@ -208,11 +211,12 @@ impl RdmaServer {
                 peer.ready = true;
                 self.end.complete_join(rank);
             }
-            _ => self.drop_peer(
-                arena,
-                rank,
-                "said it was ready for RDMA without an accepted offer",
-            ),
+            _ => {
+                // Without a queue pair there is nothing to tear down, but the peer still goes.
+                let why = "said it was ready for RDMA without an accepted offer";
+                self.remove_peer(arena, rank);
+                self.end.disconnect(arena, rank, why);
+            }
         }
     }
 
@@ -373,9 +377,19 @@ impl Transport for RdmaServer {
                 self.remove_peer(arena, *rank);
             }
         }
+        for rank in self.end.take_abandoned() {
+            self.remove_peer(arena, rank);
+        }
         for (rank, payload) in self.end.take_offers() {
+            if !self.end.joining(rank) {
+                continue; // its connection ended in this very poll (and was abandoned above)
+            }
             if payload.is_empty() {
                 self.on_ready(arena, rank);
+            } else if self.peers[rank as usize].is_some() {
+                let why = "made a second RDMA offer on one connection";
+                self.remove_peer(arena, rank);
+                self.end.disconnect(arena, rank, why);
             } else if let Err(why) = self.accept(arena, rank, &payload) {
                 // The worker goes on over TCP if it may (auto); one that insists on RDMA leaves.
                 self.remove_peer(arena, rank);
@@ -401,6 +415,10 @@ impl Transport for RdmaServer {
         let Some(peer) = self.peers.get_mut(rank as usize).and_then(Option::as_mut) else {
             return self.end.send_model(arena, rank, key);
         };
+        if !peer.ready {
+            // Not joined yet (a reply to an earlier connection's push): its join is served whole.
+            return;
+        }
         if peer.inflight.len() >= MAX_INFLIGHT as usize || !peer.backlog.is_empty() {
             peer.backlog.push_back(key);
             return;

@@ -33,7 +33,8 @@ impl Transport for TcpServer {
         deadline: Option<Instant>,
     ) -> Result<(), TransportError> {
         self.end.poll(arena, events, deadline)?;
-        // A worker that offers an upgrade carries on over TCP.
+        self.end.take_abandoned(); // nothing was set up for their offers
+                                   // A worker that offers an upgrade carries on over TCP.
         for (rank, _) in self.end.take_offers() {
             self.end.decline_offer(arena, rank);
         }
