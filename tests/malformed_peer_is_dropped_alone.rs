@@ -226,19 +226,10 @@ fn a_push_before_reading_the_first_models_is_summed_and_nothing_breaks() {
         "--save-model",
         model.to_str().unwrap(),
     ]);
-    let mut raw = Raw::connect(&addr);
+    let raw = &mut Raw::hello(&addr, 0, 2, DIM as u64);
     socket2::SockRef::from(&raw.0)
         .set_recv_buffer_size(64 * 1024)
         .unwrap();
-    let hello = Hello {
-        rank: 0,
-        workers: 2,
-        dims: vec![DIM as u64],
-        rdma: false,
-    };
-    raw.send(&control_frame(FrameKind::Hello, 0, 0, &hello.encode()));
-    let h = raw.header();
-    raw.payload(&h);
     let mut other = Proc::worker(&addr, 1, DIM, &["--compute-ms", "0", "--rounds", "1"]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let push = |raw: &mut Raw, key: u32| {
@@ -249,12 +240,12 @@ fn a_push_before_reading_the_first_models_is_summed_and_nothing_breaks() {
         raw.send(&Header::new(FrameKind::Push, key, 0, body.len() as u64).encode());
         raw.send(&body);
     };
-    push(&mut raw, 7);
+    push(raw, 7);
     for _ in 0..8 {
         assert_eq!(raw.model().0, 0);
     }
     for key in 0..7 {
-        push(&mut raw, key);
+        push(raw, key);
     }
     for _ in 0..8 {
         assert_eq!(raw.model().0, 1);

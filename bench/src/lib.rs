@@ -1,5 +1,5 @@
 //! Inputs shared by Het-Sync's criterion benches: deterministic gradient data laid out the way the
-//! server's slot region lays it out.
+//! server's arena lays it out.
 
 #![deny(missing_docs)]
 

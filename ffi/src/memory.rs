@@ -99,7 +99,7 @@ pub unsafe trait RegisteredMemory {
     }
 }
 
-/// Memory owned elsewhere (e.g. a transport's slot region), registered in place. Only its
+/// Memory owned elsewhere (e.g. the server's arena), registered in place. Only its
 /// address is used: its bytes are read and written through the owner, never through the region.
 #[derive(Debug)]
 pub struct ExternalMemory {
