@@ -70,20 +70,21 @@ fn dribbling_and_non_reading_peers_do_not_stall_training_or_tear_models() {
         slow.write_all(chunk).unwrap();
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Now do not read the reply for a while: the others must keep training meanwhile.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Now do not read the reply at all until the others have finished training: they exit on the
+    // server's goodbye after the last round, so every round closed while this reply sat unread.
+    for w in &mut fast {
+        w.success();
+    }
     let (h, payload) = read_frame(&mut slow);
     assert_eq!(h.kind, FrameKind::Model);
     let got: Vec<f32> = payload
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
+    // The queued reply was still delivered whole during the server's shutdown, then its goodbye.
+    assert_eq!(read_frame(&mut slow).0.kind, FrameKind::Bye);
     drop(slow);
-
     server.success();
-    for w in &mut fast {
-        w.success();
-    }
     let log = std::fs::read_to_string(&rounds_log).unwrap();
     assert_eq!(
         log.lines().count(),

@@ -17,7 +17,7 @@ fn device() -> Option<Context> {
         Ok(ctx) => Some(ctx),
         Err(VerbsError::NoDevice(why)) if !require_rdma() => {
             eprintln!(
-                "no RDMA device on this host ({why}); the real run is in the Soft-RoCE guest"
+                "SKIP: no RDMA device on this host ({why}); the real run is in the Soft-RoCE guest"
             );
             None
         }
