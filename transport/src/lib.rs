@@ -6,8 +6,9 @@
 //! Transports move bytes and never decide when. The server core owns the [`Arena`] and lends it to
 //! every call; a transport receives pushes into the arena's slots (TCP reads them there, RDMA lets
 //! the NIC write them), hands each complete one over to the server and reports it
-//! ([`Event::Pushed`]), and sends models from the arena when asked, handing the slot back to the
-//! worker once the reply has gone.
+//! ([`Event::Pushed`]), and sends models from the arena when asked. The server core hands a slot
+//! back once it is done with the gradient; the transport lends all of a worker's slots again when
+//! its connection ends.
 
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 // Only the RDMA module and the arena may use `unsafe` (posting sends whose buffers outlive them;
