@@ -74,7 +74,8 @@ enum ReadStep {
     Progress(Option<Frame>),
 }
 
-/// The server end of the channel. See the [module documentation](self).
+/// The server end of the channel: listening socket, every connection's framing and output
+/// queue, the handshake, and TCP pushes and models (see [`crate::channel`]).
 #[derive(Debug)]
 pub struct ServerEnd {
     reactor: Reactor,
