@@ -2,6 +2,15 @@
 //! for every tensor at once, pipelined. The simulated worker, the benches and the Python binding
 //! use it; the transport (RDMA or TCP) is chosen at connect time and invisible afterwards.
 //!
+//! The verbs are Angel's: [`push`](Client::push) (its `increment`), [`clock`](Client::clock)
+//! (the end of an iteration) and [`wait`](Client::wait) (the read). Under a vector-clock policy
+//! (BSP, SSP, ASP) a push carries this worker's clock, the server applies it at once, and the
+//! model it sends back is the read at the next clock, held by the server until the slowest
+//! worker is within the staleness bound: `wait` blocks on the socket (or the completion channel)
+//! without polling. Under a barrier policy a push carries the round of the model it was computed
+//! on and the reply is the next round's model; `clock` only counts. [`step`](Client::step) does
+//! all three.
+//!
 //! Each tensor (key) has a model buffer and a gradient buffer owned by the link (registered
 //! memory on RDMA). A key's model may be read and its gradient written between
 //! [`Client::wait`] and the next [`Client::push`] of that key; after the push and until the
@@ -17,12 +26,12 @@
 //! use std::sync::atomic::AtomicBool;
 //! use hetsync::client::{Client, ConnectOptions, Status};
 //! use hetsync::server::{Server, ServerConfig};
-//! use hetsync::sync::BarrierMode;
+//! use hetsync::sync::SyncMode;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dims = vec![1000, 10];
 //! let (server, _) = Server::bind(ServerConfig {
-//!     mode: BarrierMode::Naive,
+//!     mode: SyncMode::NAIVE,
 //!     lr: 0.5,
 //!     rounds: Some(3),
 //!     ..ServerConfig::new("127.0.0.1:0".parse()?, 2, dims.clone())
@@ -67,7 +76,7 @@
 use std::time::Duration;
 
 use hetsync_transport::any::{AnyLink, Choice, RdmaSelect};
-use hetsync_transport::protocol::Hello;
+use hetsync_transport::protocol::{Hello, PushClock};
 use hetsync_transport::{Incoming, WorkerLink};
 
 pub use hetsync_transport::LinkError;
@@ -129,6 +138,12 @@ pub struct Client {
     awaiting: Vec<bool>,
     /// Per tensor, how many of its parts are awaited.
     awaited: Vec<usize>,
+    /// What a push's clock means on this job.
+    push_clock: PushClock,
+    /// This worker's clock: iterations completed ([`clock`](Self::clock) calls).
+    clock: Clock,
+    /// Per tensor, the clock it was last pushed at.
+    pushed_at: Vec<Option<Clock>>,
     shutdown: bool,
 }
 
@@ -156,7 +171,10 @@ impl Client {
         Ok(Self {
             rounds: vec![0; parts.len()],
             awaiting: vec![true; parts.len()],
+            pushed_at: vec![None; parts.dims().len()],
             awaited,
+            push_clock: link.push_clock(),
+            clock: 0,
             shutdown: false,
             link,
             how,
@@ -209,23 +227,59 @@ impl Client {
         parts.map(|p| self.rounds[p as usize]).min().unwrap_or(0)
     }
 
-    /// Pushes tensor `key`'s gradient buffer, part by part, each computed on the model round of
-    /// that part. Other keys may be pushed before waiting for this one.
+    /// This worker's clock: the iterations it has completed ([`clock`](Self::clock) calls).
+    pub fn worker_clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// What a push's clock means on this job (the server's policy decides).
+    pub fn push_clock(&self) -> PushClock {
+        self.push_clock
+    }
+
+    /// Ends this worker's iteration: its clock ticks, on every key it pushed (Angel's `clock`).
+    /// Under a vector-clock policy the server learnt the tick with each push; the reads that
+    /// follow are at the new clock.
+    pub fn clock(&mut self) {
+        self.clock += 1;
+    }
+
+    /// Pushes tensor `key`'s gradient buffer, part by part (Angel's `increment`), stamped with
+    /// this worker's clock (vector-clock policies) or the round of each part's model (barrier
+    /// policies). Other keys may be pushed before waiting for this one.
     ///
     /// # Panics
-    /// If the key's model is still awaited (push only after [`wait`](Self::wait) for it).
+    /// If the key's model is still awaited (push only after [`wait`](Self::wait) for it), or,
+    /// under a vector-clock policy, if the key was pushed already at this clock (call
+    /// [`clock`](Self::clock) between iterations).
     pub fn push(&mut self, key: usize) -> Result<(), LinkError> {
         self.check_idle(key);
+        let clocked = self.push_clock == PushClock::WorkerClock;
+        if clocked && !self.shutdown {
+            assert_ne!(
+                self.pushed_at[key],
+                Some(self.clock),
+                "key {key} was pushed already at clock {}: call clock() between iterations",
+                self.clock
+            );
+        }
+        self.pushed_at[key] = Some(self.clock);
         for p in self.link.parts().of_tensor(key) {
-            self.link.push(p, self.rounds[p as usize])?;
+            let stamp = if clocked {
+                self.clock
+            } else {
+                self.rounds[p as usize]
+            };
+            self.link.push(p, stamp)?;
             self.awaiting[p as usize] = true;
             self.awaited[key] += 1;
         }
         Ok(())
     }
 
-    /// Waits until tensor `key`'s model has come back (every part of it). Models of other keys
-    /// that arrive meanwhile are taken too.
+    /// Waits until tensor `key`'s model has come back (every part of it): the read at this
+    /// worker's clock, which under SSP waits for the slowest worker. Models of other keys that
+    /// arrive meanwhile are taken too.
     pub fn wait(&mut self, key: usize) -> Result<Status, LinkError> {
         while self.awaited[key] > 0 {
             if self.receive()? == Status::Shutdown {
@@ -246,11 +300,13 @@ impl Client {
     }
 
     /// One training step's communication: pushes every key's gradient (all parts, pipelined:
-    /// the server sums and answers each part as it arrives), then waits for every model.
+    /// the server sums and answers each part as it arrives), ticks the clock, then waits for
+    /// every model.
     pub fn step(&mut self) -> Result<Status, LinkError> {
         for key in 0..self.awaited.len() {
             self.push(key)?;
         }
+        self.clock();
         self.wait_all()
     }
 

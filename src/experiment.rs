@@ -1,5 +1,7 @@
-//! The straggler experiment of the Het-Sync paper, run for real on loopback: a server and N
-//! worker threads over TCP, a fraction of them 10x slower, for each policy.
+//! The straggler experiments of both seeds, run for real on loopback: a server and N worker
+//! threads over TCP for each policy, with persistent stragglers (a share of the workers 10x
+//! slower at every step: the Het-Sync paper) or transient ones (every step of every worker 10x
+//! slower with that probability: the case Angel's SSP is for).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,19 +11,34 @@ use std::time::{Duration, Instant};
 use hetsync_transport::any::{Choice, RdmaSelect};
 use serde::Serialize;
 
-use crate::server::{Server, ServerConfig, ServerError};
-use crate::sync::BarrierMode;
+use crate::server::{LateMode, Server, ServerConfig, ServerError};
+use crate::sync::SyncMode;
 use crate::worker::{self, WorkerConfig};
+
+/// How stragglers behave in a trial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Stragglers {
+    /// `pct`% of the workers (rounded) are slow at every step.
+    Persistent,
+    /// Every step of every worker is slow with probability `pct`%.
+    Transient,
+}
 
 /// One configuration of the experiment.
 #[derive(Debug, Clone)]
 pub struct Trial {
     /// Workers in the job.
     pub workers: u32,
-    /// Percentage of them that straggle (rounded to whole workers).
+    /// The share of stragglers in percent: of the workers (persistent, rounded to whole
+    /// workers) or of every worker's steps (transient).
     pub stragglers_pct: u32,
+    /// How stragglers behave.
+    pub stragglers_mode: Stragglers,
     /// The server's policy.
-    pub mode: BarrierMode,
+    pub mode: SyncMode,
+    /// What barrier policies do with late gradients.
+    pub late: LateMode,
     /// A normal worker's compute time per step.
     pub compute: Duration,
     /// A straggler's compute time per step.
@@ -35,25 +52,45 @@ pub struct Trial {
 }
 
 impl Trial {
-    /// How many workers straggle: `round(workers * pct / 100)`.
+    /// How many workers straggle at every step (persistent): `round(workers * pct / 100)`.
     pub fn stragglers(&self) -> u32 {
         (self.workers * self.stragglers_pct + 50) / 100
+    }
+
+    fn straggler(&self, rank: u32) -> (Option<Duration>, f64) {
+        match self.stragglers_mode {
+            Stragglers::Persistent => ((rank < self.stragglers()).then_some(self.straggle), 1.0),
+            Stragglers::Transient => (
+                (self.stragglers_pct > 0).then_some(self.straggle),
+                f64::from(self.stragglers_pct) / 100.0,
+            ),
+        }
     }
 }
 
 /// The measured outcome of one trial: one row of the results table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Row {
-    /// `naive` or `timeout`.
+    /// `naive`, `timeout`, `adaptive`, `bsp`, `ssp` or `asp`.
     pub policy: String,
-    /// Percentage of straggling workers.
+    /// How stragglers behaved.
+    pub straggler_mode: Stragglers,
+    /// The share of stragglers in percent.
     pub stragglers_pct: u32,
-    /// Rounds closed (model updates) per second of training.
+    /// Model updates per second of training: rounds closed per second (barrier), or pushes
+    /// applied per second divided by the workers (vector clock: one push from each worker moves
+    /// the model as one naive round does).
     pub updates_per_sec: f64,
-    /// Rounds closed.
+    /// Gradients that reached the model per second (on time, folded, or applied).
+    pub pushes_applied_per_sec: f64,
+    /// Rounds closed (barrier) or the slowest worker's clock (vector clock).
     pub rounds: u64,
-    /// Mean gradients aggregated per round.
+    /// Mean gradients aggregated on time per round (barrier; 0 for vector clocks).
     pub mean_participants: f64,
+    /// Late gradients folded into later rounds.
+    pub folded: u64,
+    /// Gradients that never reached the model.
+    pub dropped: u64,
 }
 
 /// A failed trial.
@@ -76,20 +113,13 @@ pub enum TrialError {
     Panic(&'static str),
 }
 
-/// The policy's name as printed and written to JSON.
-pub fn policy_name(mode: BarrierMode) -> &'static str {
-    match mode {
-        BarrierMode::Naive => "naive",
-        BarrierMode::Timeout(_) => "timeout",
-    }
-}
-
 /// Runs one trial on a free loopback port, calling `tick` with the time elapsed about every
 /// 100 ms (for a progress bar).
 pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, TrialError> {
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
     let (server, _) = Server::bind(ServerConfig {
         mode: trial.mode,
+        late: trial.late,
         lr: trial.lr,
         duration: Some(trial.duration),
         transport: Choice::Tcp,
@@ -97,12 +127,12 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
     })?;
     let addr = server.local_addr().to_string();
     let stop = AtomicBool::new(false);
-    let stragglers = trial.stragglers();
     let started = Instant::now();
     thread::scope(|s| {
         let server = s.spawn(|| server.run(&stop));
         let workers: Vec<_> = (0..trial.workers)
             .map(|rank| {
+                let (straggle, straggle_prob) = trial.straggler(rank);
                 let cfg = WorkerConfig {
                     server: addr.clone(),
                     rank,
@@ -110,7 +140,8 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
                     dims: vec![trial.dim],
                     rounds: None,
                     compute: trial.compute,
-                    straggle: (rank < stragglers).then_some(trial.straggle),
+                    straggle,
+                    straggle_prob,
                     seed: 1,
                     connect_wait: Duration::from_secs(10),
                     transport: Choice::Tcp,
@@ -140,12 +171,25 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
                     source,
                 })?;
         }
+        let applied = report.pushes_applied_per_sec();
         Ok(Row {
-            policy: policy_name(trial.mode).to_string(),
+            policy: trial.mode.name().to_string(),
+            straggler_mode: trial.stragglers_mode,
             stragglers_pct: trial.stragglers_pct,
-            updates_per_sec: report.rounds_per_sec(),
+            updates_per_sec: if trial.mode.is_clocked() {
+                applied / f64::from(trial.workers)
+            } else {
+                report.rounds_per_sec()
+            },
+            pushes_applied_per_sec: applied,
             rounds: report.stats.rounds,
-            mean_participants: report.mean_participants(),
+            mean_participants: if trial.mode.is_clocked() {
+                0.0
+            } else {
+                report.mean_participants()
+            },
+            folded: report.stats.late_folded,
+            dropped: report.stats.dropped,
         })
     })
 }

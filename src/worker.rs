@@ -30,8 +30,11 @@ pub struct WorkerConfig {
     pub rounds: Option<u64>,
     /// Simulated compute time per step.
     pub compute: Duration,
-    /// When set, this worker is a straggler and computes this long instead.
+    /// When set, this worker is a straggler and computes this long instead...
     pub straggle: Option<Duration>,
+    /// ...at every step (1.0, persistent) or at each step with this probability (transient),
+    /// drawn from `seed` and the rank.
+    pub straggle_prob: f64,
     /// Seed of the targets.
     pub seed: u64,
     /// How long to keep retrying the connection while the server is not up yet.
@@ -86,6 +89,46 @@ pub fn mean_target(workers: u32, key: usize, dim: usize, seed: u64) -> Vec<f32> 
         .collect()
 }
 
+/// The compute time of each step: normal, or slow as the straggler settings say.
+#[derive(Debug)]
+struct Steps {
+    compute: Duration,
+    straggle: Option<Duration>,
+    prob: f64,
+    state: u64,
+}
+
+impl Steps {
+    fn new(cfg: &WorkerConfig) -> Self {
+        Self {
+            compute: cfg.compute,
+            straggle: cfg.straggle,
+            prob: cfg.straggle_prob,
+            state: cfg.seed ^ (u64::from(cfg.rank) + 1).wrapping_mul(0xa076_1d64_78bd_642f),
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let Some(slow) = self.straggle else {
+            return self.compute;
+        };
+        if self.prob >= 1.0 {
+            return slow;
+        }
+        // splitmix64, uniform in [0, 1).
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        if ((z >> 11) as f64 / (1u64 << 53) as f64) < self.prob {
+            slow
+        } else {
+            self.compute
+        }
+    }
+}
+
 /// Connects to the server over the transport `cfg` chooses (the line saying which, and why, is
 /// [`Client::transport`]).
 pub fn connect(cfg: &WorkerConfig) -> Result<Client, LinkError> {
@@ -113,7 +156,7 @@ pub fn run(
         .enumerate()
         .map(|(k, &d)| target(cfg.rank, k, d, cfg.seed))
         .collect();
-    let compute = cfg.straggle.unwrap_or(cfg.compute);
+    let mut steps = Steps::new(cfg);
     let mut report = WorkerReport::default();
     let last_round = |c: &Client| (0..targets.len()).map(|k| c.round(k)).min().unwrap_or(0);
     if client.wait_all()? == Status::Shutdown {
@@ -126,6 +169,7 @@ pub fn run(
             client.bye()?;
             return Ok(report);
         }
+        let compute = steps.next();
         if !compute.is_zero() {
             std::thread::sleep(compute);
         }
@@ -160,5 +204,40 @@ mod tests {
         assert!(t.iter().all(|x| (-1.0..1.0).contains(x)));
         let mean = t.iter().map(|&x| f64::from(x)).sum::<f64>() / t.len() as f64;
         assert!(mean.abs() < 0.05, "targets are not centred: {mean}");
+    }
+
+    #[test]
+    fn transient_stragglers_are_slow_at_about_the_given_share_of_steps() {
+        let cfg = |rank, prob| WorkerConfig {
+            server: String::new(),
+            rank,
+            workers: 4,
+            dims: vec![1],
+            rounds: None,
+            compute: Duration::from_millis(20),
+            straggle: Some(Duration::from_millis(200)),
+            straggle_prob: prob,
+            seed: 1,
+            connect_wait: Duration::ZERO,
+            transport: Choice::Tcp,
+            rdma: RdmaSelect::default(),
+        };
+        let slow = |rank, prob| {
+            let mut s = Steps::new(&cfg(rank, prob));
+            (0..10_000)
+                .filter(|_| s.next() > Duration::from_millis(20))
+                .count()
+        };
+        assert_eq!(slow(0, 1.0), 10_000);
+        assert_eq!(slow(0, 0.0), 0);
+        let (a, b) = (slow(0, 0.25), slow(1, 0.25));
+        assert!(
+            (2300..2700).contains(&a) && (2300..2700).contains(&b),
+            "{a} {b}"
+        );
+        let mut s0 = Steps::new(&cfg(0, 0.25));
+        let mut s1 = Steps::new(&cfg(1, 0.25));
+        let (x, y): (Vec<_>, Vec<_>) = (0..64).map(|_| (s0.next(), s1.next())).unzip();
+        assert_ne!(x, y, "ranks draw their own schedules");
     }
 }

@@ -25,6 +25,12 @@ fn bench_stragglers_writes_json_rows_and_a_png_graph() {
             "50",
             "--timeout-ms",
             "2",
+            "--policies",
+            "naive,timeout,adaptive,bsp,ssp,asp",
+            "--staleness",
+            "2",
+            "--straggler-mode",
+            "transient",
             "--dim",
             "1000",
             "--json",
@@ -38,22 +44,35 @@ fn bench_stragglers_writes_json_rows_and_a_png_graph() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = v["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 4, "2 fractions x 2 policies");
+    assert_eq!(rows.len(), 12, "2 fractions x 6 policies");
+    let mut seen = std::collections::BTreeSet::new();
     for r in rows {
         let policy = r["policy"].as_str().unwrap();
-        assert!(policy == "naive" || policy == "timeout");
+        seen.insert(policy.to_string());
+        assert_eq!(r["straggler_mode"], "transient", "{r}");
         let pct = r["stragglers_pct"].as_u64().unwrap();
         assert!(pct == 0 || pct == 50);
         assert!(r["rounds"].as_u64().unwrap() > 0, "{r}");
-        assert!(r["updates_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+        let updates = r["updates_per_sec"].as_f64().unwrap();
+        let applied = r["pushes_applied_per_sec"].as_f64().unwrap();
+        assert!(updates > 0.0 && applied > 0.0, "{r}");
         let mean = r["mean_participants"].as_f64().unwrap();
-        assert!(mean > 0.0 && mean <= 2.0, "{r}");
+        if ["bsp", "ssp", "asp"].contains(&policy) {
+            // A vector clock's update is one push from each worker's worth.
+            assert!((updates - applied / 2.0).abs() < 1e-9, "{r}");
+            assert_eq!(mean, 0.0, "{r}");
+        } else {
+            assert!(mean > 0.0 && mean <= 2.0, "{r}");
+            assert!(applied >= updates * mean * 0.99, "{r}");
+        }
         if policy == "naive" {
             // The naive barrier always waits for both workers.
             assert_eq!(mean, 2.0, "{r}");
         }
     }
+    assert_eq!(seen.len(), 6, "{seen:?}");
     assert_eq!(v["config"]["workers"], 2);
+    assert_eq!(v["config"]["staleness"], 2);
 
     let bytes = std::fs::read(&png).unwrap();
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");

@@ -5,36 +5,13 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{max_abs_diff, parse_rounds, read_model, replay_key, scratch, Proc};
+use common::{job, max_abs_diff, parse_rounds, read_model, replay_key, scratch};
 use hetsync::worker::mean_target;
 
 const DIMS: [usize; 3] = [1, 1000, 300_000];
 
 /// Runs a server and 4 workers with `model` (e.g. ["--dims", "1,1000"]) and the extra flags;
 /// returns the server's log.
-fn job(model: &[&str], server_extra: &[&str], worker_extra: &[&[&str]; 4], save: &Path) -> String {
-    let mut args = vec!["--workers", "4", "--save-model", save.to_str().unwrap()];
-    args.extend_from_slice(model);
-    args.extend_from_slice(server_extra);
-    let (mut server, addr) = Proc::server(&args);
-    let mut ws: Vec<Proc> = (0..4)
-        .map(|r| {
-            let rank = r.to_string();
-            let mut a = vec!["worker", "--server", &addr, "--rank", &rank];
-            a.extend_from_slice(model);
-            a.extend_from_slice(worker_extra[r]);
-            Proc::spawn(&format!("worker {r}"), &a)
-        })
-        .collect();
-    server.success();
-    for w in &mut ws {
-        w.success();
-    }
-    server.log()
-}
-
 #[test]
 fn naive_reaches_every_keys_closed_form_and_partitions_change_no_byte() {
     let dir = scratch("many-naive");

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::sync::BarrierMode;
+use crate::experiment::Stragglers;
+use crate::server::LateMode;
+use crate::sync::{BarrierMode, SyncMode};
 
 /// A failure to report to the user, with its chain of causes.
 pub type CliError = Box<dyn Error + Send + Sync>;
@@ -56,20 +58,54 @@ enum Command {
     /// Run benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Run the straggler experiment with the paper's settings and write its results.
+    /// Run both seeds' straggler experiments and write their results.
     ///
-    /// Four workers, 0-75% of them stragglers 10x slower, naive against timeout, 3 s per
-    /// configuration (about 30 s in all). Writes DIR/stragglers.json and DIR/stragglers.png.
+    /// Four workers computing 20 ms per step, slow steps 200 ms (about 2.5 min in all). The
+    /// Het-Sync table: persistent stragglers (0-75% of the workers always slow), naive against
+    /// the timeout barrier and the adaptive timeout, both starting at 20 ms, --seconds per
+    /// configuration. The Angel table: transient stragglers (each step slow with probability
+    /// 0-50%), naive against BSP, SSP (staleness 3) and ASP, 3 x --seconds per configuration
+    /// (random schedules need longer runs). Writes DIR/persistent.json, DIR/persistent.png,
+    /// DIR/transient.json and DIR/transient.png.
     Demo(DemoArgs),
 }
 
 /// Which synchronisation policy the server uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Policy {
-    /// Wait for every worker, forever: one straggler stalls the job (for comparison).
+    /// Barrier: wait for every worker, forever; one straggler stalls the job (for comparison).
     Naive,
-    /// Close a round when every worker pushed, or --timeout-ms after its first push.
+    /// Barrier: close a round when every worker pushed, or --timeout-ms after its first push.
     Timeout,
+    /// Barrier: like timeout, the timeout learnt from recent rounds (starts at and never exceeds
+    /// --timeout-ms).
+    Adaptive,
+    /// Vector clock, staleness 0: every push applied as it comes; a read at clock c waits until
+    /// every worker has completed clock c - 1.
+    Bsp,
+    /// Vector clock, staleness --staleness N: a worker may run at most N clocks ahead of the
+    /// slowest.
+    Ssp,
+    /// Vector clock, no bound: reads never wait.
+    Asp,
+}
+
+/// What a barrier policy does with a gradient that missed its round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LateArg {
+    /// Add it into the next round's sum with weight 1/(1+s), s = rounds late.
+    Fold,
+    /// Discard it (counted).
+    Drop,
+}
+
+impl From<LateArg> for LateMode {
+    fn from(l: LateArg) -> Self {
+        match l {
+            LateArg::Fold => LateMode::Fold,
+            LateArg::Drop => LateMode::Drop,
+        }
+    }
 }
 
 /// Which transport to use.
@@ -152,13 +188,35 @@ impl ModelArgs {
 }
 
 impl Policy {
-    fn mode(self, timeout_ms: f64) -> BarrierMode {
+    fn mode(self, timeout_ms: f64, staleness: u64) -> SyncMode {
+        let t = Duration::from_secs_f64(timeout_ms / 1e3);
         match self {
-            Policy::Naive => BarrierMode::Naive,
-            Policy::Timeout => BarrierMode::Timeout(Duration::from_secs_f64(timeout_ms / 1e3)),
+            Policy::Naive => SyncMode::Barrier(BarrierMode::Naive),
+            Policy::Timeout => SyncMode::Barrier(BarrierMode::Timeout(t)),
+            Policy::Adaptive => SyncMode::Barrier(BarrierMode::Adaptive(t)),
+            Policy::Bsp => SyncMode::Clocks(Some(0)),
+            Policy::Ssp => SyncMode::Clocks(Some(staleness)),
+            Policy::Asp => SyncMode::Clocks(None),
+        }
+    }
+
+    /// The policy and its parameters in words, for the server's first lines.
+    fn describe(self, timeout_ms: f64, staleness: u64) -> String {
+        match self {
+            Policy::Naive => "naive (wait for every worker)".into(),
+            Policy::Timeout => format!("timeout ({timeout_ms} ms after a round's first push)"),
+            Policy::Adaptive => {
+                format!("adaptive (timeout learnt from arrivals, starting at and capped by {timeout_ms} ms)")
+            }
+            Policy::Bsp => "bsp (vector clock, staleness 0)".into(),
+            Policy::Ssp => format!("ssp (vector clock, staleness {staleness})"),
+            Policy::Asp => "asp (vector clock, no staleness bound)".into(),
         }
     }
 }
+
+/// The default staleness of `--policy ssp`.
+const DEFAULT_STALENESS: u64 = 3;
 
 /// The options of `hetsync server` (its help text is on [`Command`]).
 #[derive(Debug, Args)]
@@ -166,7 +224,9 @@ impl Policy {
   hetsync server --workers 4 --dim 1048576
   hetsync server --workers 4 --dims 1048576,1024,10 --partition-kib 1024
   hetsync server --listen 127.0.0.1:0 --workers 2 --dim 1000 --policy naive --rounds 100
-  hetsync server --workers 8 --dim 4096 --timeout-ms 5 --round-log rounds.jsonl --save-model model.f32")]
+  hetsync server --workers 8 --dim 4096 --timeout-ms 5 --round-log rounds.jsonl --save-model model.f32
+  hetsync server --workers 8 --dim 4096 --policy adaptive --timeout-ms 50 --late fold
+  hetsync server --workers 8 --dim 4096 --policy ssp --staleness 3 --trace trace.jsonl")]
 struct ServerArgs {
     /// Address to listen on (port 0: any free port; the chosen one is printed).
     #[arg(long, default_value = "0.0.0.0:7700", value_name = "ADDR")]
@@ -181,12 +241,20 @@ struct ServerArgs {
     /// the next is still arriving and answers each at once. Told to workers in the handshake.
     #[arg(long, value_name = "P", default_value_t = (crate::server::DEFAULT_PARTITION_BYTES / 1024) as u32, value_parser = clap::value_parser!(u32).range(1..=(1 << 20)))]
     partition_kib: u32,
-    /// When a round closes.
+    /// How workers synchronise: a round barrier (naive, timeout, adaptive) or a vector clock per
+    /// part (bsp, ssp, asp).
     #[arg(long, value_enum, default_value_t = Policy::Timeout)]
     policy: Policy,
-    /// With --policy timeout: how long after a round's first push it closes anyway.
+    /// With --policy timeout: how long after a round's first push it closes anyway. With
+    /// --policy adaptive: where the learnt timeout starts, and its cap.
     #[arg(long, default_value_t = 10.0, value_name = "MS", value_parser = positive_ms)]
     timeout_ms: f64,
+    /// With --policy ssp: how many clocks a worker may run ahead of the slowest (default 3).
+    #[arg(long, value_name = "N")]
+    staleness: Option<u64>,
+    /// With a barrier policy: what happens to a gradient that missed its round.
+    #[arg(long, value_enum, default_value_t = LateArg::Fold)]
+    late: LateArg,
     /// SGD learning rate.
     #[arg(long, default_value_t = 0.1, value_name = "X")]
     lr: f32,
@@ -199,10 +267,14 @@ struct ServerArgs {
     /// Do not log joins, departures and refusals.
     #[arg(long, short)]
     quiet: bool,
-    /// Write one JSON line per closed round of each tensor (key, participants, cause, time) to
-    /// FILE.
+    /// Write one JSON line per closed round of each tensor (key, participants, folded late
+    /// gradients, cause, time) to FILE: the round_closed lines of --trace.
     #[arg(long, value_name = "FILE")]
     round_log: Option<PathBuf>,
+    /// Write every event to FILE, one JSON line each: round_closed, push_applied, pull_served
+    /// (with the worker's clock and the slowest clock) and late gradients.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
     /// Write the final model to FILE: every tensor in key order, raw little-endian f32
     /// (numpy.fromfile(FILE, "<f4")), through a temporary file renamed over FILE.
     #[arg(long, value_name = "FILE")]
@@ -240,6 +312,10 @@ struct WorkerArgs {
     /// Make this worker a straggler that computes this long per step instead.
     #[arg(long, value_name = "MS", value_parser = non_negative_ms)]
     straggle_ms: Option<f64>,
+    /// With --straggle-ms: the probability that a step is slow (1: every step, a persistent
+    /// straggler; below 1: transient, drawn per step from --seed and the rank).
+    #[arg(long, value_name = "P", default_value_t = 1.0, requires = "straggle_ms", value_parser = probability)]
+    straggle_prob: f64,
     /// Seed of the target vectors (the same for every worker of a job).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -255,42 +331,57 @@ struct WorkerArgs {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Updates/s of each policy as the share of stragglers grows (the Het-Sync experiment).
+    /// Updates/s of each policy as the share of stragglers grows.
     ///
-    /// Runs a server and N workers on loopback for each (straggler fraction, policy) and reports
+    /// Runs a server and N workers on loopback for each (straggler share, policy) and reports
     /// updates/s in a table, as JSON and as a PNG graph, with each policy's rate relative to its
-    /// own rate at 0% stragglers (ratios measured in the same run).
+    /// own rate at 0% stragglers and to naive's at the same share (ratios from the same run).
+    /// Updates/s are rounds closed per second for barrier policies, and pushes applied per second
+    /// divided by the workers for vector clocks (one push from each is one naive round's worth).
     Stragglers(StragglerArgs),
 }
 
 /// The options of `hetsync bench stragglers` (its help text is on [`Command`]).
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 #[command(after_help = "Examples:
   hetsync bench stragglers
+  hetsync bench stragglers --policies naive,timeout,adaptive --timeout-ms 20
+  hetsync bench stragglers --straggler-mode transient --policies naive,bsp,ssp,asp --staleness 3
   hetsync bench stragglers --workers 8 --fractions 0,50 --seconds 5 --json out.json --plot out.png")]
 pub(crate) struct StragglerArgs {
     /// Workers per trial.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     workers: u32,
-    /// Percentages of workers that straggle, comma separated.
+    /// Shares of stragglers in percent, comma separated: of the workers (persistent), or of
+    /// every worker's steps (transient).
     #[arg(long, value_delimiter = ',', default_value = "0,25,50,75", value_parser = clap::value_parser!(u32).range(0..=100))]
     fractions: Vec<u32>,
-    /// Policies to compare, comma separated.
+    /// Policies to compare, comma separated: naive, timeout, adaptive, bsp, ssp, asp.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "naive,timeout"
+        default_value = "naive,timeout,adaptive"
     )]
     policies: Vec<Policy>,
+    /// How stragglers behave: persistent (a share of the workers slow at every step) or
+    /// transient (every step of every worker slow with that probability).
+    #[arg(long, value_enum, default_value_t = Stragglers::Persistent)]
+    straggler_mode: Stragglers,
+    /// The staleness of ssp.
+    #[arg(long, default_value_t = DEFAULT_STALENESS, value_name = "N")]
+    staleness: u64,
+    /// What the barrier policies do with late gradients.
+    #[arg(long, value_enum, default_value_t = LateArg::Fold)]
+    late: LateArg,
     /// A normal worker's compute time per step.
     #[arg(long, default_value_t = 20.0, value_name = "MS", value_parser = non_negative_ms)]
     compute_ms: f64,
     /// A straggler's compute time per step.
     #[arg(long, default_value_t = 200.0, value_name = "MS", value_parser = non_negative_ms)]
     straggle_ms: f64,
-    /// The timeout policy's timeout.
-    #[arg(long, default_value_t = 1.0, value_name = "MS", value_parser = positive_ms)]
+    /// The timeout policy's timeout, and the adaptive policy's start and cap.
+    #[arg(long, default_value_t = 20.0, value_name = "MS", value_parser = positive_ms)]
     timeout_ms: f64,
     /// Training time per trial.
     #[arg(long, default_value_t = 3.0, value_name = "SEC")]
@@ -312,7 +403,7 @@ struct DemoArgs {
     /// Where to write the JSON results and the graph.
     #[arg(long, default_value = "hetsync-demo", value_name = "DIR")]
     out: PathBuf,
-    /// Training time per configuration.
+    /// Training time per configuration (three times this with transient stragglers).
     #[arg(long, default_value_t = 3.0, value_name = "SEC")]
     seconds: f64,
 }
@@ -326,6 +417,16 @@ fn parse_ms(s: &str, allow_zero: bool) -> Result<f64, String> {
             "{s} ms is out of range (must be {} and at most a day)",
             if allow_zero { ">= 0" } else { "> 0" }
         ));
+    }
+    Ok(v)
+}
+
+fn probability(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a probability"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{s} is not a probability between 0 and 1"));
     }
     Ok(v)
 }
@@ -394,5 +495,18 @@ mod tests {
         let worker = "hetsync worker --server x:1 --rank 0 --dim 4";
         assert!(!parses(&format!("{worker} --compute-ms -1")));
         assert!(parses(&format!("{worker} --compute-ms 0")));
+        assert!(parses(&format!(
+            "{worker} --straggle-ms 9 --straggle-prob 0.25"
+        )));
+        assert!(!parses(&format!(
+            "{worker} --straggle-ms 9 --straggle-prob 1.5"
+        )));
+        assert!(!parses(&format!("{worker} --straggle-prob 0.5")));
+        for p in ["naive", "timeout", "adaptive", "bsp", "ssp", "asp"] {
+            assert!(parses(&format!("{server} --policy {p}")), "{p}");
+        }
+        assert!(parses(&format!(
+            "{server} --policy ssp --staleness 2 --late drop --trace t"
+        )));
     }
 }

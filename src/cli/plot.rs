@@ -6,7 +6,7 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 use super::{CliError, StragglerArgs};
-use crate::experiment::Row;
+use crate::experiment::{Row, Stragglers};
 
 /// Where Debian/Ubuntu, Fedora and Arch keep a sans-serif TrueType font.
 const FONT_CANDIDATES: &[&str] = &[
@@ -60,7 +60,10 @@ pub(super) fn stragglers(path: &Path, rows: &[Row], a: &StragglerArgs) -> Result
         .build_cartesian_2d(-3f64..103f64, 0f64..ymax)?;
     chart
         .configure_mesh()
-        .x_desc("stragglers (% of workers)")
+        .x_desc(match a.straggler_mode {
+            Stragglers::Persistent => "persistent stragglers (% of workers always slow)",
+            Stragglers::Transient => "transient stragglers (% of every worker's steps slow)",
+        })
         .y_desc("updates / s")
         .x_labels(11)
         .axis_desc_style(("sans-serif", 18))
@@ -74,6 +77,10 @@ pub(super) fn stragglers(path: &Path, rows: &[Row], a: &StragglerArgs) -> Result
         let color = match *policy {
             "naive" => RGBColor(214, 39, 40),
             "timeout" => RGBColor(31, 119, 180),
+            "adaptive" => RGBColor(44, 160, 44),
+            "bsp" => RGBColor(148, 103, 189),
+            "ssp" => RGBColor(255, 127, 14),
+            "asp" => RGBColor(140, 86, 75),
             _ => {
                 let (r, g, b) = Palette99::pick(i).to_rgba().rgb();
                 RGBColor(r, g, b)
@@ -88,6 +95,10 @@ pub(super) fn stragglers(path: &Path, rows: &[Row], a: &StragglerArgs) -> Result
         let label = match *policy {
             "naive" => "naive barrier (waits for everyone)".to_string(),
             "timeout" => format!("Het-Sync timeout barrier ({} ms)", a.timeout_ms),
+            "adaptive" => format!("adaptive timeout (learnt, cap {} ms)", a.timeout_ms),
+            "bsp" => "BSP (vector clock, staleness 0)".to_string(),
+            "ssp" => format!("SSP (vector clock, staleness {})", a.staleness),
+            "asp" => "ASP (vector clock, no bound)".to_string(),
             other => other.to_string(),
         };
         chart
@@ -107,7 +118,7 @@ pub(super) fn stragglers(path: &Path, rows: &[Row], a: &StragglerArgs) -> Result
         .draw()?;
     bottom.draw(&Text::new(
         format!(
-            "{} workers on loopback TCP, compute {} ms per step, stragglers {} ms, {} s per point, model of {} floats",
+            "{} workers on loopback TCP, compute {} ms per step, slow steps {} ms, {} s per point, model of {} floats",
             a.workers, a.compute_ms, a.straggle_ms, a.seconds, a.dim
         ),
         (90, 8),

@@ -9,27 +9,39 @@ use crate::worker::{self, WorkerConfig};
 
 pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
     signals::install().map_err(|e| format!("installing the SIGINT/SIGTERM handler: {e}"))?;
-    let mode = a.policy.mode(a.timeout_ms);
+    if a.staleness.is_some() && a.policy != Policy::Ssp {
+        return Err(
+            "--staleness applies to --policy ssp only (bsp is staleness 0, asp has no bound)"
+                .into(),
+        );
+    }
+    let staleness = a.staleness.unwrap_or(super::DEFAULT_STALENESS);
+    let mode = a.policy.mode(a.timeout_ms, staleness);
     let (server, why) = Server::bind(ServerConfig {
         listen: a.listen,
         workers: a.workers as usize,
         dims: a.model.dims()?,
         partition_bytes: a.partition_kib as usize * 1024,
         mode,
+        late: a.late.into(),
         lr: a.lr,
         rounds: a.rounds,
         duration: None,
         progress: (a.progress > 0.0).then(|| Duration::from_secs_f64(a.progress)),
         log_events: !a.quiet,
         round_log: a.round_log.clone(),
+        trace: a.trace.clone(),
         save_model: a.save_model.clone(),
         transport: a.transport.transport.into(),
         rdma: a.transport.rdma(),
     })?;
-    let policy = match a.policy {
-        Policy::Naive => "naive (wait for every worker)".to_string(),
-        Policy::Timeout => format!("timeout ({} ms after a round's first push)", a.timeout_ms),
-    };
+    let mut policy = a.policy.describe(a.timeout_ms, staleness);
+    if !mode.is_clocked() && a.policy != Policy::Naive {
+        policy += match a.late {
+            super::LateArg::Fold => ", late gradients folded",
+            super::LateArg::Drop => ", late gradients dropped",
+        };
+    }
     // Always printed, even with --quiet: scripts read the port and the transport from these.
     eprintln!("hetsync server: transport {why}");
     let dims = a.model.dims()?;
@@ -54,20 +66,35 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         );
         return Ok(());
     }
-    eprintln!(
-        "hetsync server: finished: {} rounds in {:.2} s ({:.1} rounds/s) | mean participants {:.2}/{} | rounds closed by timeout {} | stragglers dropped {} | late gradients {} | joins {} departures {} refused {}",
-        s.rounds,
-        report.elapsed.as_secs_f64(),
-        report.rounds_per_sec(),
-        report.mean_participants(),
-        a.workers,
-        s.timeouts,
-        s.stragglers,
-        s.late_dropped,
-        s.joins,
-        s.departures,
-        s.refused,
-    );
+    let secs = report.elapsed.as_secs_f64();
+    if mode.is_clocked() {
+        eprintln!(
+            "hetsync server: finished: slowest clock {} in {secs:.2} s | gradients applied {} ({:.1}/s) | dropped {} | joins {} departures {} refused {}",
+            s.rounds,
+            s.pushes_applied,
+            report.pushes_applied_per_sec(),
+            s.dropped,
+            s.joins,
+            s.departures,
+            s.refused,
+        );
+    } else {
+        eprintln!(
+            "hetsync server: finished: {} rounds in {secs:.2} s ({:.1} rounds/s) | mean participants {:.2}/{} | rounds closed by timeout {} | stragglers left behind {} | gradients on time {} folded {} dropped {} | joins {} departures {} refused {}",
+            s.rounds,
+            report.rounds_per_sec(),
+            report.mean_participants(),
+            a.workers,
+            s.timeouts,
+            s.stragglers,
+            s.participants,
+            s.late_folded,
+            s.dropped,
+            s.joins,
+            s.departures,
+            s.refused,
+        );
+    }
     if let Some(path) = &a.save_model {
         eprintln!("hetsync server: model saved to {}", path.display());
     }
@@ -83,6 +110,7 @@ pub(super) fn worker(a: WorkerArgs) -> Result<(), CliError> {
         rounds: a.rounds,
         compute: Duration::from_secs_f64(a.compute_ms / 1e3),
         straggle: a.straggle_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
+        straggle_prob: a.straggle_prob,
         seed: a.seed,
         connect_wait: Duration::from_secs_f64(a.connect_timeout.max(0.0)),
         transport: a.transport.transport.into(),

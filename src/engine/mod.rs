@@ -16,20 +16,38 @@ pub struct Sgd {
 impl Sgd {
     /// One SGD step in place: `model -= lr * mean(grads)`, fused into one pass over memory.
     pub fn step(&self, kernel: Kernel, model: &mut [f32], grads: &[&[f32]]) {
+        self.step_by(kernel, model, grads, grads.len() as f32);
+    }
+
+    /// One SGD step in place with the sum of `grads` divided by `weight`:
+    /// `model -= lr * sum(grads) / weight` (a weighted mean when the gradients were scaled by
+    /// their weights, or one push's share of a round when `weight` is the job's workers).
+    pub fn step_by(&self, kernel: Kernel, model: &mut [f32], grads: &[&[f32]], weight: f32) {
         if !grads.is_empty() {
-            kernel.sum_scaled_into(model, grads, -self.lr / grads.len() as f32);
+            kernel.sum_scaled_into(model, grads, -self.lr / weight);
         }
     }
 
     /// One SGD step with the mean of `grads`: `next = model - lr * mean(grads)`, fused into one
     /// pass over memory. With no gradient, `next` is a copy of `model`.
     pub fn apply(&self, kernel: Kernel, next: &mut [f32], model: &[f32], grads: &[&[f32]]) {
+        self.apply_by(kernel, next, model, grads, grads.len() as f32);
+    }
+
+    /// Like [`step_by`](Self::step_by), out of place: `next = model - lr * sum(grads) / weight`.
+    pub fn apply_by(
+        &self,
+        kernel: Kernel,
+        next: &mut [f32],
+        model: &[f32],
+        grads: &[&[f32]],
+        weight: f32,
+    ) {
         if grads.is_empty() {
             next.copy_from_slice(model);
             return;
         }
-        let alpha = -self.lr / grads.len() as f32;
-        kernel.sum_scaled_from(next, model, grads, alpha);
+        kernel.sum_scaled_from(next, model, grads, -self.lr / weight);
     }
 }
 
@@ -48,5 +66,12 @@ mod tests {
         let mut model = [0.0f32; 4];
         Sgd { lr: 0.5 }.step(Kernel::best(), &mut model, &[&[1.0; 4], &[3.0; 4]]);
         assert_eq!(model, [-1.0; 4], "in place, the same step");
+        Sgd { lr: 0.5 }.step_by(Kernel::best(), &mut model, &[&[2.0; 4]], 4.0);
+        assert_eq!(
+            model, [-1.25; 4],
+            "one push of four workers moves a quarter"
+        );
+        Sgd { lr: 0.5 }.apply_by(Kernel::best(), &mut next, &model, &[&[1.0; 4]], 0.5);
+        assert_eq!(next, [-2.25; 4]);
     }
 }

@@ -1,178 +1,44 @@
 //! The parameter server: transport events go to the part's policy, its actions to the engine and
 //! back out through the transport. Single-threaded; all waiting happens in [`Transport::poll`].
 //!
+//! Under a barrier policy a round's gradients are summed when it closes (late ones folded in or
+//! dropped, [`LateMode`]); under a vector clock each push is applied as it arrives, scaled by one
+//! over the job's workers.
+//!
 //! The server owns the [`Arena`] (every part's model, two versions, and every worker's slots) and
 //! lends it to the transport on every call. Closing a round of a part sums the participants'
 //! held slots into the part's model: in place when no send is reading it, else into the part's
 //! other version, which becomes current while sends of the previous one finish undisturbed.
 
+mod config;
+mod late;
 mod report;
 mod tensors;
+mod trace;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hetsync_transport::any::{AnyServer, Choice, RdmaSelect};
+use hetsync_transport::any::AnyServer;
 use hetsync_transport::channel::ListenConfig;
 use hetsync_transport::protocol::Parts;
-use hetsync_transport::{Arena, ArenaError, Event, Transport, TransportError, Update};
-use serde::Serialize;
+use hetsync_transport::{Arena, ArenaError, Event, Transport, Update};
 
 use crate::engine::{Kernel, Sgd};
-use crate::sync::{Action, BarrierMode, CloseCause};
-use crate::{Key, Rank};
-use report::{RoundLog, Window};
+use crate::sync::{Action, CloseCause};
+use crate::{Clock, Key, Rank};
+pub use config::{ServerConfig, ServerError, ServerReport, ServerStats, DEFAULT_PARTITION_BYTES};
+use late::Folds;
+pub use late::LateMode;
+use report::Window;
 use tensors::Tensors;
+use trace::{PartName, Trace};
 
 /// Longest single wait in the event loop: how quickly `stop` is noticed without a signal.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 /// How long shutdown waits for workers to take their goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-/// The partition size when none is given: 1 MiB. Measured on a 2-vCPU VM over loopback TCP, one
-/// worker, 16 MiB push+pull rounds (medians of 5 interleaved runs): whole tensor 23.0 ms, parts of
-/// 1 MiB 15.0 ms, 256 KiB 14.3 ms (the same within the spread), 64 KiB slower again. 1 MiB keeps
-/// the number of parts (policies, frames, RDMA work requests) four times lower for large models.
-pub const DEFAULT_PARTITION_BYTES: usize = 1 << 20;
-
-/// How the server runs.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Where to listen (port 0: any free port).
-    pub listen: SocketAddr,
-    /// Workers in the job.
-    pub workers: usize,
-    /// Elements (f32) of each tensor, in key order.
-    pub dims: Vec<usize>,
-    /// Largest part in bytes: larger tensors travel and synchronise in parts.
-    pub partition_bytes: usize,
-    /// When rounds close.
-    pub mode: BarrierMode,
-    /// SGD learning rate.
-    pub lr: f32,
-    /// Stop after every key has closed this many rounds.
-    pub rounds: Option<u64>,
-    /// Stop this long after training starts (every worker joined).
-    pub duration: Option<Duration>,
-    /// Print a progress line to stderr this often.
-    pub progress: Option<Duration>,
-    /// Log joins, departures and refusals to stderr.
-    pub log_events: bool,
-    /// Write one JSON line per closed key round here.
-    pub round_log: Option<PathBuf>,
-    /// Write the final model here (every tensor in key order, raw little-endian f32).
-    pub save_model: Option<PathBuf>,
-    /// Which transport to use.
-    pub transport: Choice,
-    /// The RDMA device and GID index.
-    pub rdma: RdmaSelect,
-}
-
-impl ServerConfig {
-    /// A job of `workers` workers and tensors of `dims` floats on `listen`, with the defaults of
-    /// `hetsync server`: the timeout barrier at 10 ms, learning rate 0.1, 1 MiB parts, no round
-    /// limit, quiet, the transport chosen automatically.
-    pub fn new(listen: SocketAddr, workers: usize, dims: Vec<usize>) -> Self {
-        Self {
-            listen,
-            workers,
-            dims,
-            partition_bytes: DEFAULT_PARTITION_BYTES,
-            mode: BarrierMode::Timeout(Duration::from_millis(10)),
-            lr: 0.1,
-            rounds: None,
-            duration: None,
-            progress: None,
-            log_events: false,
-            round_log: None,
-            save_model: None,
-            transport: Choice::Auto,
-            rdma: RdmaSelect::default(),
-        }
-    }
-}
-
-/// Counters of a run. Rounds are key rounds: a key's round closes once all its parts closed it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ServerStats {
-    /// Rounds every key has closed (the job's steps).
-    pub rounds: u64,
-    /// Key rounds closed, summed over keys.
-    pub key_rounds: u64,
-    /// Gradients aggregated (in every part of their key), summed over key rounds.
-    pub participants: u64,
-    /// Workers missing from closed key rounds, summed (stragglers left behind).
-    pub stragglers: u64,
-    /// Late gradients dropped (one per worker, key and round).
-    pub late_dropped: u64,
-    /// Key rounds in which some part closed by the timeout rather than by everyone arriving.
-    pub timeouts: u64,
-    /// Workers that joined (including rejoins).
-    pub joins: u64,
-    /// Workers that left or were dropped.
-    pub departures: u64,
-    /// Connections refused at the handshake.
-    pub refused: u64,
-}
-
-/// What a finished run reports.
-#[derive(Debug, Clone)]
-pub struct ServerReport {
-    /// Whether every worker joined and training ran.
-    pub started: bool,
-    /// Counters.
-    pub stats: ServerStats,
-    /// Time from the start of training (every worker joined) to the end.
-    pub elapsed: Duration,
-    /// The aggregation kernel used.
-    pub kernel: Kernel,
-}
-
-impl ServerReport {
-    /// Rounds (of every key) closed per second of training.
-    pub fn rounds_per_sec(&self) -> f64 {
-        self.stats.rounds as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-
-    /// Mean gradients per closed key round.
-    pub fn mean_participants(&self) -> f64 {
-        self.stats.participants as f64 / (self.stats.key_rounds.max(1)) as f64
-    }
-}
-
-/// A failure that stops the server.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// The transport failed as a whole.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// The round log could not be written.
-    #[error("writing the round log {path}: {source}")]
-    RoundLog {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The model could not be saved.
-    #[error("saving the model to {path}: {source}")]
-    SaveModel {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The arena could not be mapped.
-    #[error("mapping the model and gradient memory: {0}")]
-    Arena(#[source] std::io::Error),
-    /// The configuration is unusable.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-}
-
 /// A parameter server driving transport `T`. The transport is declared before the arena: it
 /// may hold registrations of the arena's memory, which must go first.
 #[derive(Debug)]
@@ -185,7 +51,8 @@ pub struct Server<T: Transport> {
     cfg: ServerConfig,
     stats: ServerStats,
     started: Option<Instant>,
-    round_log: Option<RoundLog>,
+    trace: Trace,
+    folds: Folds,
 }
 
 /// Checks a configuration and cuts its tensors into parts.
@@ -206,6 +73,7 @@ impl Server<AnyServer> {
         let listen = ListenConfig {
             listen: cfg.listen,
             workers: cfg.workers,
+            push_clock: cfg.mode.push_clock(),
         };
         let (transport, why) = AnyServer::bind(&listen, &mut arena, cfg.transport, &cfg.rdma)?;
         Ok((Self::new(transport, arena, cfg)?, why))
@@ -231,9 +99,10 @@ impl<T: Transport> Server<T> {
                 cfg.lr
             )));
         }
-        let round_log = cfg.round_log.as_deref().map(RoundLog::create).transpose()?;
+        let trace = Trace::create(cfg.trace.as_deref(), cfg.round_log.as_deref())?;
         Ok(Self {
             tensors: Tensors::new(arena.parts().clone(), cfg.mode, cfg.workers),
+            folds: Folds::new(arena.parts().len()),
             transport,
             arena,
             sgd: Sgd { lr: cfg.lr },
@@ -241,7 +110,7 @@ impl<T: Transport> Server<T> {
             cfg,
             stats: ServerStats::default(),
             started: None,
-            round_log,
+            trace,
         })
     }
 
@@ -282,6 +151,7 @@ impl<T: Transport> Server<T> {
                         &self.stats,
                         self.tensors.members(),
                         self.cfg.workers,
+                        self.cfg.mode.is_clocked(),
                     );
                 }
                 deadline = deadline.min(w.at + every);
@@ -294,9 +164,7 @@ impl<T: Transport> Server<T> {
             }
         }
         let end = Instant::now();
-        if let Some(log) = self.round_log.as_mut() {
-            log.flush()?;
-        }
+        self.trace.flush()?;
         if let Some(path) = &self.cfg.save_model {
             report::save_model(path, &self.arena).map_err(|source| ServerError::SaveModel {
                 path: path.clone(),
@@ -376,6 +244,21 @@ impl<T: Transport> Server<T> {
         Ok(())
     }
 
+    /// Milliseconds since training started (0 before).
+    fn t_ms(&self, now: Instant) -> f64 {
+        self.started.map_or(0.0, |t0| {
+            now.saturating_duration_since(t0).as_secs_f64() * 1e3
+        })
+    }
+
+    fn part_name(&self, key: Key) -> PartName {
+        let (tensor, index, several) = self.tensors.part_of(key);
+        PartName {
+            key: tensor,
+            part: several.then_some(index),
+        }
+    }
+
     /// Performs part `key`'s pending actions and re-arms its timer.
     fn drive(&mut self, key: Key, now: Instant) -> Result<(), ServerError> {
         while let Some(action) = self.tensors.policy(key).poll_action() {
@@ -386,26 +269,128 @@ impl<T: Transport> Server<T> {
                     missing,
                     cause,
                 } => self.close(key, round, &participants, missing, cause, now)?,
-                Action::Serve { rank } => {
+                Action::Apply { rank, clock } => self.apply(key, rank, clock, now)?,
+                Action::Serve {
+                    rank,
+                    clock,
+                    min_clock,
+                } => {
                     debug_assert_eq!(self.tensors.policy(key).round(), self.arena.round(key));
+                    if self.trace.detailed() {
+                        let (at, t) = (self.part_name(key), self.t_ms(now));
+                        self.trace.pull_served(rank, at, clock, min_clock, t)?;
+                    }
                     self.transport.send_model(&mut self.arena, rank, key);
                 }
-                Action::DiscardLate { rank, clock, .. } => {
-                    // Done with that gradient: the slot is the worker's again (the policy serves
-                    // it the current model next).
-                    self.arena.lend(rank, key);
-                    if self.tensors.first_late(key, rank, clock) {
-                        self.stats.late_dropped += 1;
-                    }
-                }
+                Action::Late { rank, clock, round } => self.late(key, rank, clock, round, now)?,
             }
         }
         self.tensors.rearm(key);
+        self.tensors.progressed(key);
+        self.stats.rounds = self.tensors.job_rounds();
         Ok(())
     }
 
-    /// Closes `round` of part `key`: the SGD step over the participants' gradients, then their
-    /// slots go back to them.
+    /// A late gradient: folded into the part's next round (copied out of the slot first) or
+    /// dropped; either way the slot goes back to the worker, whose reply follows.
+    fn late(
+        &mut self,
+        key: Key,
+        rank: Rank,
+        clock: Clock,
+        round: Clock,
+        now: Instant,
+    ) -> Result<(), ServerError> {
+        let weight = match (self.cfg.late, self.arena.gradient(rank, key)) {
+            (LateMode::Fold, Some(grad)) => Some(self.folds.add(key, grad, rank, clock, round)),
+            _ => None,
+        };
+        self.arena.lend(rank, key);
+        if self.tensors.first_late(key, rank, clock) {
+            if weight.is_some() {
+                self.stats.late_folded += 1;
+                self.stats.pushes_applied += 1;
+            } else {
+                self.stats.dropped += 1;
+            }
+        }
+        if self.trace.detailed() {
+            let (at, t) = (self.part_name(key), self.t_ms(now));
+            self.trace.late(rank, at, (clock, round), weight, t)?;
+        }
+        Ok(())
+    }
+
+    /// Applies worker `rank`'s push at `clock` to part `key` at once, as one of the job's
+    /// workers' share of a step (vector clocks).
+    fn apply(
+        &mut self,
+        key: Key,
+        rank: Rank,
+        clock: Clock,
+        now: Instant,
+    ) -> Result<(), ServerError> {
+        if self.arena.gradient(rank, key).is_some() {
+            let (sgd, kernel, w) = (self.sgd, self.kernel, self.cfg.workers as f32);
+            self.update(key, &[rank], |target, grads| match target {
+                Update::InPlace(model) => sgd.step_by(kernel, model, grads, w),
+                Update::Into { next, model } => sgd.apply_by(kernel, next, model, grads, w),
+            });
+            self.arena.lend(rank, key);
+        } else {
+            // Its connection ended since: the gradient left with it, and the model only counts
+            // the update for the policy's bookkeeping.
+            self.update(key, &[], |target, _| {
+                if let Update::Into { next, model } = target {
+                    next.copy_from_slice(model)
+                }
+            });
+            self.stats.dropped += u64::from(self.tensors.part_of(key).1 == 0);
+            return Ok(());
+        }
+        let at = self.part_name(key);
+        if at.part.unwrap_or(0) == 0 {
+            self.stats.pushes_applied += 1;
+        }
+        if self.trace.detailed() {
+            let t = self.t_ms(now);
+            self.trace.push_applied(rank, at, clock, t)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` over part `key`'s model and the held gradients of `ranks` (which must be held),
+    /// releasing a version a slow reader still holds if both are busy. Returns the ranks whose
+    /// gradient was used: releasing may drop a stuck peer, whose slots are then lent again.
+    fn update(
+        &mut self,
+        key: Key,
+        ranks: &[Rank],
+        mut f: impl FnMut(Update<'_>, &[&[f32]]),
+    ) -> Vec<Rank> {
+        let held_of = |arena: &Arena| -> Vec<Rank> {
+            ranks
+                .iter()
+                .copied()
+                .filter(|&r| arena.gradient(r, key).is_some())
+                .collect()
+        };
+        let mut held = held_of(&self.arena);
+        if let Err(ArenaError::VersionBusy { version, .. }) = self.arena.update(key, &held, &mut f)
+        {
+            // Both versions are being sent: a slow reader of the older one gets its own copy.
+            // Releasing may drop a stuck peer, perhaps a participant: ask again who is held.
+            self.transport.release(&mut self.arena, key, version);
+            held = held_of(&self.arena);
+            self.arena
+                .update(key, &held, &mut f)
+                .expect("a released version has no readers");
+        }
+        held
+    }
+
+    /// Closes `round` of part `key`: the SGD step over the participants' gradients and the
+    /// late ones folded in since the last close, then the participants' slots go back to them.
     fn close(
         &mut self,
         key: Key,
@@ -417,160 +402,49 @@ impl<T: Transport> Server<T> {
     ) -> Result<(), ServerError> {
         // A participant whose connection ended since its push has had its slots lent again (the
         // transport does that before the rank can be taken anew): its gradient left with it.
-        let held_of = |arena: &Arena| -> Vec<Rank> {
-            participants
-                .iter()
-                .copied()
-                .filter(|&r| arena.gradient(r, key).is_some())
-                .collect()
-        };
         let (sgd, kernel) = (self.sgd, self.kernel);
-        let step = |arena: &mut Arena, held: &[Rank]| {
-            arena.update(key, held, |target, grads| match target {
-                Update::InPlace(model) => sgd.step(kernel, model, grads),
-                Update::Into { next, model } => sgd.apply(kernel, next, model, grads),
-            })
-        };
-        let mut held = held_of(&self.arena);
-        if let Err(ArenaError::VersionBusy { version, .. }) = step(&mut self.arena, &held) {
-            // Both versions are being sent: a slow reader of the older one gets its own copy.
-            // Releasing may drop a stuck peer, perhaps a participant: ask again who is held.
-            self.transport.release(&mut self.arena, key, version);
-            held = held_of(&self.arena);
-            step(&mut self.arena, &held).expect("a released version has no readers");
-        }
+        let mut folds = std::mem::replace(&mut self.folds, Folds::new(0));
+        let fold = folds.pending(key);
+        let held = self.update(key, participants, |target, grads| {
+            let mut all = grads.to_vec();
+            let mut weight = grads.len() as f32;
+            if let Some((sum, w)) = fold {
+                all.push(sum);
+                weight += w;
+            }
+            match target {
+                Update::InPlace(model) => sgd.step_by(kernel, model, &all, weight),
+                Update::Into { next, model } => sgd.apply_by(kernel, next, model, &all, weight),
+            }
+        });
+        let folded = folds.taken(key);
+        self.folds = folds;
         for &r in &held {
             self.arena.lend(r, key);
         }
-        let missing = missing + (participants.len() - held.len());
-        let Some(done) = self.tensors.part_closed(key, round, &held, missing, cause) else {
+        let gone = participants.len() - held.len();
+        if self.tensors.part_of(key).1 == 0 {
+            self.stats.dropped += gone as u64;
+        }
+        let missing = missing + gone;
+        let Some(done) = self
+            .tensors
+            .part_closed(key, round, &held, missing, cause, folded)
+        else {
             return Ok(());
         };
-        self.stats.rounds = self.tensors.job_rounds();
         self.stats.key_rounds += 1;
         self.stats.participants += done.participants.len() as u64;
+        self.stats.pushes_applied += done.participants.len() as u64;
         self.stats.stragglers += done.missing as u64;
         if done.cause == CloseCause::Timeout {
             self.stats.timeouts += 1;
         }
-        if let Some(log) = self.round_log.as_mut() {
-            let t_ms = self
-                .started
-                .map_or(0.0, |t0| (now - t0).as_secs_f64() * 1e3);
-            log.write(&done, t_ms)?;
-        }
+        let t_ms = self.t_ms(now);
+        self.trace.round_closed(&done, t_ms)?;
         Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use hetsync_transport::{Key, Version};
-    use std::collections::VecDeque;
-    use std::sync::mpsc;
-
-    /// A transport that plays scripted events, whose sends never finish (so both model versions
-    /// end up being read), and whose `release` drops a worker the way RDMA drops a stuck peer.
-    #[derive(Debug)]
-    struct Scripted {
-        script: VecDeque<Vec<Event>>,
-        sends: Vec<(Rank, Key, Version)>,
-        victim: Rank,
-    }
-
-    impl Transport for Scripted {
-        fn poll(
-            &mut self,
-            arena: &mut Arena,
-            events: &mut Vec<Event>,
-            _: Option<Instant>,
-        ) -> Result<(), TransportError> {
-            for ev in self.script.pop_front().unwrap_or_default() {
-                if let Event::Pushed { rank, key, clock } = ev {
-                    arena.receive_into(rank, key).unwrap().fill(0);
-                    arena.hand_over(rank, key, clock).unwrap();
-                }
-                events.push(ev);
-            }
-            Ok(())
-        }
-        fn send_model(&mut self, arena: &mut Arena, rank: Rank, key: Key) {
-            let (v, _) = arena.start_send(key);
-            self.sends.push((rank, key, v));
-        }
-        fn release(&mut self, arena: &mut Arena, key: Key, version: Version) {
-            // The victim's write never completes: it is dropped, its slots lent again, and its
-            // sends (and, for this test, everyone's) stop reading.
-            arena.reset_worker(self.victim);
-            for &(_, k, v) in &self.sends {
-                if (k, v) == (key, version) {
-                    arena.end_send(k, v);
-                }
-            }
-            self.sends.retain(|&(_, k, v)| (k, v) != (key, version));
-        }
-        fn disconnect(&mut self, _: &mut Arena, _: Rank, why: &str) {
-            panic!("nobody should be dropped by the server here: {why}");
-        }
-        fn shutdown(&mut self, _: &mut Arena, _: Duration) {}
-    }
-
-    #[test]
-    fn a_participant_dropped_while_a_version_is_released_is_left_out_not_a_crash() {
-        let cfg = ServerConfig {
-            mode: BarrierMode::Naive,
-            rounds: Some(2),
-            ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), 2, vec![4])
-        };
-        let arena = Arena::new(2, parts_of(&cfg).unwrap()).unwrap();
-        let push = |rank, clock| Event::Pushed {
-            rank,
-            key: 0,
-            clock,
-        };
-        let script = VecDeque::from(vec![
-            vec![Event::Joined { rank: 0 }, Event::Joined { rank: 1 }],
-            vec![push(0, 0), push(1, 0)],
-            // Round 1 finds both versions being read: releasing one drops worker 1.
-            vec![push(0, 1), push(1, 1)],
-        ]);
-        let transport = Scripted {
-            script,
-            sends: Vec::new(),
-            victim: 1,
-        };
-        let server = Server::new(transport, arena, cfg).unwrap();
-        let report = server.run(&AtomicBool::new(false)).unwrap();
-        assert_eq!(report.stats.rounds, 2);
-        assert_eq!(
-            report.stats.participants,
-            2 + 1,
-            "round 1 went on without worker 1"
-        );
-    }
-
-    #[test]
-    fn stop_is_seen_even_before_any_worker_joins() {
-        let (server, _) = Server::bind(ServerConfig {
-            mode: BarrierMode::Naive,
-            transport: Choice::Tcp,
-            ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), 2, vec![8, 3])
-        })
-        .unwrap();
-        let stop = AtomicBool::new(false);
-        let (tx, rx) = mpsc::channel();
-        std::thread::scope(|s| {
-            s.spawn(|| tx.send(server.run(&stop)).unwrap());
-            std::thread::sleep(Duration::from_millis(150));
-            stop.store(true, Ordering::Relaxed);
-            // A bound that only catches a hang: the loop wakes at least every 100 ms.
-            let report = rx
-                .recv_timeout(Duration::from_secs(30))
-                .expect("server ignored stop");
-            let report = report.unwrap();
-            assert!(!report.started);
-            assert_eq!(report.stats.rounds, 0);
-        });
-    }
-}
+mod tests;

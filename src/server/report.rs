@@ -1,83 +1,14 @@
-//! What the server tells the world: the round log (one JSON line per key round), the progress
-//! line, and the saved model.
+//! What the server tells the world: the progress line and the saved model (the trace is in
+//! `trace.rs`).
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::{self, BufWriter};
+use std::path::Path;
 use std::time::Instant;
 
 use hetsync_transport::Arena;
-use serde::Serialize;
 
-use super::tensors::KeyRound;
-use super::{ServerError, ServerStats};
-use crate::sync::CloseCause;
-use crate::Rank;
-
-#[derive(Serialize)]
-struct Record<'a> {
-    key: u32,
-    round: u64,
-    participants: &'a [Rank],
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    partial: &'a [(Rank, Vec<u32>)],
-    missing: usize,
-    cause: &'static str,
-    t_ms: f64,
-}
-
-/// `--round-log FILE`: one JSON line per closed key round.
-#[derive(Debug)]
-pub(crate) struct RoundLog {
-    path: PathBuf,
-    out: BufWriter<File>,
-}
-
-impl RoundLog {
-    /// Creates (truncates) the log.
-    pub fn create(path: &Path) -> Result<Self, ServerError> {
-        let out = File::create(path).map_err(|source| ServerError::RoundLog {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            out: BufWriter::new(out),
-        })
-    }
-
-    /// Appends one key round, `t_ms` after training started.
-    pub fn write(&mut self, r: &KeyRound, t_ms: f64) -> Result<(), ServerError> {
-        let rec = Record {
-            key: r.key,
-            round: r.round,
-            participants: &r.participants,
-            partial: &r.partial,
-            missing: r.missing,
-            cause: match r.cause {
-                CloseCause::AllArrived => "all_arrived",
-                CloseCause::Timeout => "timeout",
-            },
-            t_ms,
-        };
-        serde_json::to_writer(&mut self.out, &rec)
-            .map_err(io::Error::from)
-            .and_then(|_| self.out.write_all(b"\n"))
-            .map_err(|source| self.error(source))
-    }
-
-    /// Writes out what is buffered.
-    pub fn flush(&mut self) -> Result<(), ServerError> {
-        self.out.flush().map_err(|source| self.error(source))
-    }
-
-    fn error(&self, source: io::Error) -> ServerError {
-        ServerError::RoundLog {
-            path: self.path.clone(),
-            source,
-        }
-    }
-}
+use super::ServerStats;
 
 /// Progress since the last progress line.
 #[derive(Debug)]
@@ -86,6 +17,7 @@ pub(crate) struct Window {
     pub rounds: u64,
     pub key_rounds: u64,
     pub participants: u64,
+    pub applied: u64,
 }
 
 impl Window {
@@ -96,33 +28,45 @@ impl Window {
             rounds: s.rounds,
             key_rounds: s.key_rounds,
             participants: s.participants,
+            applied: s.pushes_applied,
         }
     }
 }
 
-/// Prints one progress line for the window ending `now`, and opens the next window.
+/// Prints one progress line for the window ending `now`, and opens the next window. `clocked`:
+/// the policy is a vector clock (pushes applied one by one, no rounds).
 pub(crate) fn progress(
     w: &mut Window,
     now: Instant,
     s: &ServerStats,
     members: usize,
     workers: usize,
+    clocked: bool,
 ) {
-    let rounds = s.rounds - w.rounds;
-    let key_rounds = s.key_rounds - w.key_rounds;
-    let secs = (now - w.at).as_secs_f64();
-    let mean = if key_rounds == 0 {
-        0.0
+    let secs = (now - w.at).as_secs_f64().max(1e-9);
+    let applied = (s.pushes_applied - w.applied) as f64 / secs;
+    if clocked {
+        eprintln!(
+            "hetsync server: slowest clock {} | {applied:.1} pushes applied/s | gradients applied {} | workers {members}/{workers}",
+            s.rounds, s.pushes_applied,
+        );
     } else {
-        (s.participants - w.participants) as f64 / key_rounds as f64
-    };
-    eprintln!(
-        "hetsync server: round {} | {:.1} rounds/s | participants {mean:.2}/{workers} | stragglers dropped {} | late gradients {} | workers {members}/{workers}",
-        s.rounds,
-        rounds as f64 / secs.max(1e-9),
-        s.stragglers,
-        s.late_dropped,
-    );
+        let key_rounds = s.key_rounds - w.key_rounds;
+        let mean = if key_rounds == 0 {
+            0.0
+        } else {
+            (s.participants - w.participants) as f64 / key_rounds as f64
+        };
+        eprintln!(
+            "hetsync server: round {} | {:.1} rounds/s | participants {mean:.2}/{workers} | gradients on time {} folded {} dropped {} | stragglers left behind {} | workers {members}/{workers}",
+            s.rounds,
+            (s.rounds - w.rounds) as f64 / secs,
+            s.participants,
+            s.late_folded,
+            s.dropped,
+            s.stragglers,
+        );
+    }
     *w = Window::open(now, s);
 }
 

@@ -1,6 +1,7 @@
 //! The job's tensors as the server synchronises them: one policy instance per part, their timers,
-//! and the bookkeeping that turns part rounds back into key rounds for the round log, the
-//! progress line and `--rounds` (which speak of keys, not parts).
+//! the job's progress (the slowest part's rounds or clock, what `--rounds` counts), and the
+//! bookkeeping that turns part rounds back into key rounds for the trace and the progress line
+//! (which speak of keys, not parts).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -8,11 +9,11 @@ use std::time::Instant;
 
 use hetsync_transport::protocol::Parts;
 
-use crate::sync::{Barrier, BarrierMode, CloseCause, Policy};
+use crate::sync::{CloseCause, Policy, SyncMode};
 use crate::{Clock, Key, Rank};
 
 /// A key's round, complete once every part of the key has closed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct KeyRound {
     /// The tensor.
     pub key: u32,
@@ -24,8 +25,25 @@ pub(crate) struct KeyRound {
     pub partial: Vec<(Rank, Vec<u32>)>,
     /// Workers in the job whose gradient missed at least one part of the key.
     pub missing: usize,
-    /// `Timeout` if any part closed by timeout.
+    /// `Timeout` if any part closed by timeout, else `SlowSkipped` if any part closed without
+    /// its written-off workers, else `AllArrived`.
     pub cause: CloseCause,
+    /// Late gradients folded into this round.
+    pub folded: Vec<Folded>,
+}
+
+/// A late gradient folded into a key round.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Folded {
+    /// Its worker.
+    pub rank: Rank,
+    /// The round it was computed on.
+    pub clock: Clock,
+    /// Its weight, `1 / (1 + rounds late)`.
+    pub weight: f32,
+    /// The parts (indices in the tensor) it was folded into in this round; empty when the
+    /// tensor is one part.
+    pub parts: Vec<u32>,
 }
 
 /// One key round being assembled from its parts' closes.
@@ -37,6 +55,8 @@ struct Assembly {
     /// Workers in the job when a part closed (participants plus missing), at most.
     members: usize,
     timeout: bool,
+    skipped: bool,
+    folded: Vec<Folded>,
 }
 
 #[derive(Debug)]
@@ -60,18 +80,19 @@ pub(crate) struct Tensors {
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
     armed: Vec<Option<Instant>>,
     keys: Vec<KeyState>,
-    /// Rounds every key has completed.
+    /// Each part's policy's `min_clock` when last looked at.
+    part_min: Vec<Clock>,
+    /// The smallest of `part_min`: rounds (or clocks) every part and every worker has completed.
     job_rounds: Clock,
-    /// Keys whose `closed` equals `job_rounds`.
+    /// Parts whose `part_min` equals `job_rounds`.
     at_job_round: usize,
 }
 
 impl Tensors {
     /// One `mode` policy for each of `parts`, for `workers` workers.
-    pub fn new(parts: Parts, mode: BarrierMode, workers: usize) -> Self {
-        let policies: Vec<Box<dyn Policy>> = (0..parts.len())
-            .map(|_| Box::new(Barrier::new(mode, workers)) as Box<dyn Policy>)
-            .collect();
+    pub fn new(parts: Parts, mode: SyncMode, workers: usize) -> Self {
+        let policies: Vec<Box<dyn Policy>> =
+            (0..parts.len()).map(|_| mode.policy(workers)).collect();
         let keys: Vec<KeyState> = (0..parts.dims().len())
             .map(|t| KeyState {
                 parts: parts.of_tensor(t).len() as u32,
@@ -82,7 +103,8 @@ impl Tensors {
             .collect();
         Self {
             armed: vec![None; parts.len()],
-            at_job_round: keys.len(),
+            part_min: vec![0; parts.len()],
+            at_job_round: parts.len(),
             keys,
             policies,
             timers: BinaryHeap::new(),
@@ -111,9 +133,34 @@ impl Tensors {
         self.policies[0].members()
     }
 
-    /// Rounds every key has completed.
+    /// Rounds (barrier) or clocks (vector clock) every part and every worker has completed: the
+    /// job's steps, what `--rounds` counts.
     pub fn job_rounds(&self) -> Clock {
         self.job_rounds
+    }
+
+    /// Looks at part `key`'s progress after its policy was fed something.
+    pub fn progressed(&mut self, key: Key) {
+        let k = key as usize;
+        let m = self.policies[k].min_clock();
+        if m <= self.part_min[k] {
+            return;
+        }
+        if self.part_min[k] == self.job_rounds {
+            self.at_job_round -= 1;
+        }
+        self.part_min[k] = m;
+        if self.at_job_round == 0 {
+            self.job_rounds = *self.part_min.iter().min().expect("at least one part");
+            let r = self.job_rounds;
+            self.at_job_round = self.part_min.iter().filter(|&&p| p == r).count();
+        }
+    }
+
+    /// The part's index within its tensor, and whether the tensor has more than one part.
+    pub fn part_of(&self, key: Key) -> (u32, u32, bool) {
+        let p = self.parts[key];
+        (p.tensor, p.index, self.keys[p.tensor as usize].parts > 1)
     }
 
     /// Records part `key`'s timer after the policy has been fed something.
@@ -161,7 +208,8 @@ impl Tensors {
     }
 
     /// Part `key` closed `round` with `participants` (`missing` workers left out) because of
-    /// `cause`. Returns the key round this completes, if any (key rounds complete in order).
+    /// `cause`, with the late gradients `folded` in. Returns the key round this completes, if
+    /// any (key rounds complete in order).
     pub fn part_closed(
         &mut self,
         key: Key,
@@ -169,6 +217,7 @@ impl Tensors {
         participants: &[Rank],
         missing: usize,
         cause: CloseCause,
+        folded: Vec<(Rank, Clock, f32)>,
     ) -> Option<KeyRound> {
         let part = self.parts[key];
         let k = &mut self.keys[part.tensor as usize];
@@ -180,6 +229,19 @@ impl Tensors {
         a.parts_closed += 1;
         a.members = a.members.max(participants.len() + missing);
         a.timeout |= cause == CloseCause::Timeout;
+        a.skipped |= cause == CloseCause::SlowSkipped;
+        for (rank, clock, weight) in folded {
+            let same = |f: &&mut Folded| f.rank == rank && f.clock == clock && f.weight == weight;
+            match a.folded.iter_mut().find(same) {
+                Some(f) => f.parts.push(part.index),
+                None => a.folded.push(Folded {
+                    rank,
+                    clock,
+                    weight,
+                    parts: vec![part.index],
+                }),
+            }
+        }
         for &r in participants {
             a.seen.entry(r).or_default().push(part.index);
         }
@@ -200,19 +262,23 @@ impl Tensors {
             partial: some,
             cause: if a.timeout {
                 CloseCause::Timeout
+            } else if a.skipped {
+                CloseCause::SlowSkipped
             } else {
                 CloseCause::AllArrived
             },
+            folded: a
+                .folded
+                .into_iter()
+                .map(|mut f| {
+                    if k.parts == 1 {
+                        f.parts.clear();
+                    }
+                    f
+                })
+                .collect(),
         };
         k.closed += 1;
-        if k.closed == self.job_rounds + 1 {
-            self.at_job_round -= 1;
-            if self.at_job_round == 0 {
-                self.job_rounds += 1;
-                let r = self.job_rounds;
-                self.at_job_round = self.keys.iter().filter(|k| k.closed == r).count();
-            }
-        }
         Some(done)
     }
 }
@@ -225,50 +291,75 @@ mod tests {
     fn key_rounds_complete_when_every_part_closed_them_in_order() {
         // Tensor 0 has three parts, tensor 1 one.
         let parts = Parts::new(&[600, 10], 1024).unwrap();
-        let mut t = Tensors::new(parts, BarrierMode::Naive, 2);
+        let mut t = Tensors::new(parts, SyncMode::NAIVE, 2);
         assert_eq!(t.len(), 4);
         assert_eq!(
-            t.part_closed(0, 0, &[0, 1], 0, CloseCause::AllArrived),
+            t.part_closed(0, 0, &[0, 1], 0, CloseCause::AllArrived, vec![]),
             None
         );
         // Part 1 runs a round ahead of part 2.
-        assert_eq!(t.part_closed(1, 0, &[0], 1, CloseCause::Timeout), None);
         assert_eq!(
-            t.part_closed(1, 1, &[0, 1], 0, CloseCause::AllArrived),
+            t.part_closed(1, 0, &[0], 1, CloseCause::Timeout, vec![]),
             None
         );
         assert_eq!(
-            t.part_closed(3, 0, &[0, 1], 0, CloseCause::AllArrived)
+            t.part_closed(1, 1, &[0, 1], 0, CloseCause::AllArrived, vec![]),
+            None
+        );
+        assert_eq!(
+            t.part_closed(3, 0, &[0, 1], 0, CloseCause::AllArrived, vec![])
                 .map(|k| k.key),
             Some(1)
         );
-        assert_eq!(t.job_rounds(), 0, "tensor 0 has not completed round 0");
         let done = t
-            .part_closed(2, 0, &[0, 1], 0, CloseCause::AllArrived)
+            .part_closed(2, 0, &[0, 1], 0, CloseCause::AllArrived, vec![])
             .unwrap();
         assert_eq!(done.round, 0);
         assert_eq!(done.participants, vec![0]);
         assert_eq!(done.partial, vec![(1, vec![0, 2])]);
         assert_eq!(done.missing, 1);
         assert_eq!(done.cause, CloseCause::Timeout);
-        assert_eq!(t.job_rounds(), 1);
     }
 
     #[test]
     fn a_worker_missing_any_part_counts_as_missing_from_the_key_round() {
         // 4 workers; part 0 has {0, 1}, part 1 has {0, 2}: workers 1, 2 and 3 each missed a part.
-        let mut t = Tensors::new(Parts::new(&[300], 1024).unwrap(), BarrierMode::Naive, 4);
-        assert_eq!(t.part_closed(0, 0, &[0, 1], 2, CloseCause::Timeout), None);
+        let mut t = Tensors::new(Parts::new(&[300], 1024).unwrap(), SyncMode::NAIVE, 4);
+        assert_eq!(
+            t.part_closed(0, 0, &[0, 1], 2, CloseCause::Timeout, vec![]),
+            None
+        );
         let done = t
-            .part_closed(1, 0, &[0, 2], 2, CloseCause::Timeout)
+            .part_closed(1, 0, &[0, 2], 2, CloseCause::Timeout, vec![])
             .unwrap();
         assert_eq!(done.participants, vec![0]);
         assert_eq!(done.missing, 3);
     }
 
     #[test]
+    fn the_job_is_as_far_as_its_slowest_part() {
+        use std::time::Instant;
+        let now = Instant::now();
+        let mut t = Tensors::new(Parts::new(&[600, 10], 1024).unwrap(), SyncMode::NAIVE, 1);
+        for key in 0..4 {
+            t.policy(key).on_join(0, now);
+            while t.policy(key).poll_action().is_some() {}
+        }
+        for round in 0..3 {
+            // Part 2 lags a round behind the others.
+            for key in [0, 1, 3].into_iter().chain((round > 0).then_some(2)) {
+                let clock = t.policy(key).round();
+                t.policy(key).on_push(0, clock, now).unwrap();
+                while t.policy(key).poll_action().is_some() {}
+                t.progressed(key);
+            }
+            assert_eq!(t.job_rounds(), round, "part 2 has closed {round} rounds");
+        }
+    }
+
+    #[test]
     fn a_late_push_counts_once_per_key() {
-        let mut t = Tensors::new(Parts::new(&[600], 1024).unwrap(), BarrierMode::Naive, 2);
+        let mut t = Tensors::new(Parts::new(&[600], 1024).unwrap(), SyncMode::NAIVE, 2);
         assert!(t.first_late(0, 1, 3));
         assert!(!t.first_late(1, 1, 3));
         assert!(!t.first_late(2, 1, 3));

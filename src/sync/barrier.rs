@@ -1,6 +1,6 @@
-//! The round barrier: `naive` (wait for every worker, forever) and the Het-Sync `timeout` barrier
+//! The round barrier: `naive` (wait for every worker, forever), the Het-Sync `timeout` barrier
 //! (close when every worker pushed, or a fixed time after the round's first push, with whatever
-//! arrived).
+//! arrived), and `adaptive`, the timeout barrier whose timeout is learnt ([`AdaptiveTimeout`]).
 //!
 //! A pure state machine in the style of quinn-proto: it is fed events with the current time and
 //! answers with [`Action`]s pulled from [`Barrier::poll_action`]; its only timer is exposed by
@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::adaptive::AdaptiveTimeout;
 use super::{Action, CloseCause, Policy, SyncError};
 use crate::{Clock, Rank};
 
@@ -20,6 +21,9 @@ pub enum BarrierMode {
     Naive,
     /// When every worker has pushed, or this long after the round's first push.
     Timeout(Duration),
+    /// Like `Timeout`, with the timeout learnt from recent rounds' arrivals, starting at and
+    /// never exceeding this cap.
+    Adaptive(Duration),
 }
 
 /// The barrier's state for one key.
@@ -37,6 +41,8 @@ pub struct Barrier {
     n_arrived: usize,
     /// When the current round closes unless everyone arrives first.
     deadline: Option<Instant>,
+    /// The learnt timeout, in `Adaptive` mode.
+    adaptive: Option<AdaptiveTimeout>,
     actions: VecDeque<Action>,
 }
 
@@ -51,8 +57,20 @@ impl Barrier {
             arrived: vec![false; workers],
             n_arrived: 0,
             deadline: None,
+            adaptive: match mode {
+                BarrierMode::Adaptive(cap) => Some(AdaptiveTimeout::new(cap, workers)),
+                _ => None,
+            },
             actions: VecDeque::new(),
         }
+    }
+
+    fn serve(&mut self, rank: Rank) {
+        self.actions.push_back(Action::Serve {
+            rank,
+            clock: self.round,
+            min_clock: self.round,
+        });
     }
 
     fn maybe_close(&mut self, now: Instant) {
@@ -64,8 +82,13 @@ impl Barrier {
             .iter()
             .zip(&self.arrived)
             .all(|(&m, &a)| !m || a);
+        let expected = self.adaptive.as_ref().is_some_and(|ad| {
+            (0..self.member.len()).all(|w| !self.member[w] || self.arrived[w] || !ad.expected(w))
+        });
         let cause = if everyone {
             CloseCause::AllArrived
+        } else if expected {
+            CloseCause::SlowSkipped
         } else if self.deadline.is_some_and(|d| now >= d) {
             CloseCause::Timeout
         } else {
@@ -87,7 +110,7 @@ impl Barrier {
         self.n_arrived = 0;
         self.deadline = None;
         for rank in participants {
-            self.actions.push_back(Action::Serve { rank });
+            self.serve(rank);
         }
     }
 }
@@ -95,6 +118,11 @@ impl Barrier {
 impl Policy for Barrier {
     /// Rounds closed so far: the version of the current model.
     fn round(&self) -> Clock {
+        self.round
+    }
+
+    /// Rounds closed so far: every worker is at (or past) this round.
+    fn min_clock(&self) -> Clock {
         self.round
     }
 
@@ -114,11 +142,11 @@ impl Policy for Barrier {
         let r = rank as usize;
         self.member[r] = true;
         if self.started {
-            self.actions.push_back(Action::Serve { rank });
+            self.serve(rank);
         } else if self.member.iter().all(|&m| m) {
             self.started = true;
             for w in 0..self.member.len() {
-                self.actions.push_back(Action::Serve { rank: w as Rank });
+                self.serve(w as Rank);
             }
         }
     }
@@ -128,6 +156,9 @@ impl Policy for Barrier {
     fn on_leave(&mut self, rank: Rank, now: Instant) {
         let r = rank as usize;
         self.member[r] = false;
+        if let Some(a) = self.adaptive.as_mut() {
+            a.forget(r);
+        }
         if self.arrived[r] {
             self.arrived[r] = false;
             self.n_arrived -= 1;
@@ -140,8 +171,8 @@ impl Policy for Barrier {
 
     /// Worker `rank` pushed a gradient computed on the model of round `clock`.
     ///
-    /// A push for an earlier round is late: it is discarded and the worker gets the current model
-    /// at once, so it rejoins the current round. A push the worker could not have made (before it
+    /// A push for an earlier round is late ([`Action::Late`]: the server folds or drops it) and
+    /// the worker gets the current model at once, so it rejoins the current round. A push the worker could not have made (before it
     /// was given a model, for a future round, twice in a round) is an error: drop the worker.
     fn on_push(&mut self, rank: Rank, clock: Clock, now: Instant) -> Result<(), SyncError> {
         let r = rank as usize;
@@ -158,13 +189,19 @@ impl Policy for Barrier {
                 round: self.round,
             });
         }
+        if let Some(a) = self.adaptive.as_mut() {
+            if clock == self.round && self.deadline.is_none() {
+                a.first_push(clock, now);
+            }
+            a.arrival(r, clock, now, clock == self.round);
+        }
         if clock < self.round {
-            self.actions.push_back(Action::DiscardLate {
+            self.actions.push_back(Action::Late {
                 rank,
                 clock,
                 round: self.round,
             });
-            self.actions.push_back(Action::Serve { rank });
+            self.serve(rank);
             return Ok(());
         }
         if self.arrived[r] {
@@ -175,8 +212,12 @@ impl Policy for Barrier {
         }
         self.arrived[r] = true;
         self.n_arrived += 1;
-        if let (BarrierMode::Timeout(t), None) = (self.mode, self.deadline) {
-            self.deadline = Some(now + t);
+        if self.deadline.is_none() {
+            match (self.mode, self.adaptive.as_mut()) {
+                (BarrierMode::Timeout(t), _) => self.deadline = Some(now + t),
+                (BarrierMode::Adaptive(_), Some(a)) => self.deadline = Some(now + a.timeout()),
+                _ => {}
+            }
         }
         self.maybe_close(now);
         Ok(())

@@ -10,9 +10,11 @@ use crate::{Clock, Rank};
 /// [`handle_timeout`](Policy::handle_timeout). It reads no clock and touches no socket, so every
 /// schedule can be replayed in a test.
 ///
-/// Policies that let workers run ahead (vector clocks) accept pushes for clocks past
-/// [`round`](Policy::round) and hold reads back with `Serve` actions issued later; barrier
-/// policies treat such a push as an error.
+/// Two families implement it. Barrier policies ([`Barrier`](super::Barrier)) collect a round's
+/// pushes and close it ([`Action::CloseRound`]); a push's clock is the round of the model it was
+/// computed on. Vector-clock policies ([`VectorClock`](super::VectorClock)) apply every push as
+/// it arrives ([`Action::Apply`]) and hold a worker's next read back until the bound allows it;
+/// a push's clock is the worker's own.
 pub trait Policy: std::fmt::Debug + Send {
     /// Worker `rank` joined.
     fn on_join(&mut self, rank: Rank, now: Instant);
@@ -34,8 +36,13 @@ pub trait Policy: std::fmt::Debug + Send {
     #[must_use]
     fn poll_action(&mut self) -> Option<Action>;
 
-    /// Rounds closed so far: the round of the model a `Serve` sends.
+    /// Updates applied to the part's model so far (rounds closed, or pushes applied): the round
+    /// stamp of the model a `Serve` sends.
     fn round(&self) -> Clock;
+
+    /// How far every worker in the job has come: rounds closed for a barrier, the slowest
+    /// member's clock for a vector clock. Never decreases.
+    fn min_clock(&self) -> Clock;
 
     /// Whether training has started (every worker joined once).
     fn started(&self) -> bool;
@@ -51,6 +58,8 @@ pub enum CloseCause {
     AllArrived,
     /// The timeout after the round's first push expired.
     Timeout,
+    /// Every worker not written off as persistently slow pushed (`adaptive`).
+    SlowSkipped,
 }
 
 /// What the server must do next, in order.
@@ -67,14 +76,30 @@ pub enum Action {
         /// Why it closed.
         cause: CloseCause,
     },
-    /// Send worker `rank` the current model, handing its slot back.
+    /// Apply worker `rank`'s gradient, pushed at its clock `clock`, to the model at once, scaled
+    /// by one over the job's workers (so one push from each moves the model as one naive round
+    /// does): the model's round advances by one. Vector-clock policies only.
+    Apply {
+        /// The worker.
+        rank: Rank,
+        /// Its clock (in the job's numbering) the push completes.
+        clock: Clock,
+    },
+    /// Send worker `rank` the current model: its read at clock `clock`.
     Serve {
         /// The worker.
         rank: Rank,
+        /// The clock of the read: for a barrier the round of the model; for a vector clock the
+        /// worker's clock.
+        clock: Clock,
+        /// The part's slowest clock when the read is served (`clock - min_clock` is how far the
+        /// worker runs ahead; at most the staleness bound).
+        min_clock: Clock,
     },
-    /// A gradient computed on the model of round `clock` arrived while round `round` was open: it
-    /// is dropped (a later policy may fold it in instead).
-    DiscardLate {
+    /// A gradient computed on the model of round `clock` arrived while round `round` was open:
+    /// the server folds it into the next round it closes or drops it (`--late`), then serves the
+    /// worker the current model. Barrier policies only.
+    Late {
         /// The worker.
         rank: Rank,
         /// The round its gradient was computed on.
@@ -116,5 +141,36 @@ pub enum SyncError {
         rank: Rank,
         /// The round.
         round: u64,
+    },
+    /// A push at a clock the worker has already completed on this part.
+    #[error("worker {rank} pushed at clock {clock}, but it has completed clocks up to {done} on this part already")]
+    PastClock {
+        /// The worker.
+        rank: Rank,
+        /// The clock it sent (the job's numbering).
+        clock: u64,
+        /// The last clock it completed.
+        done: u64,
+    },
+    /// A push made before the worker's read was served: it cannot have a model to compute on.
+    #[error("worker {rank} pushed before its read at clock {clock} was served")]
+    ReadPending {
+        /// The worker.
+        rank: Rank,
+        /// The read's clock.
+        clock: u64,
+    },
+    /// A push at a clock further ahead of the slowest worker than the staleness bound allows:
+    /// no read at that clock could have been served.
+    #[error("worker {rank} pushed at clock {clock}, more than the staleness bound {staleness} ahead of the slowest worker's clock {min_clock}")]
+    BeyondBound {
+        /// The worker.
+        rank: Rank,
+        /// The clock it sent.
+        clock: u64,
+        /// The part's slowest clock.
+        min_clock: u64,
+        /// The bound.
+        staleness: u64,
     },
 }

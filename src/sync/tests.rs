@@ -1,6 +1,6 @@
 //! The barrier against thousands of random schedules on a fake clock: simulated workers with
 //! random compute times, stragglers, departures and rejoins, checked against the policy's rules
-//! after every action.
+//! after every action. The vector clock's are in `clock_tests.rs`.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -8,16 +8,16 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-struct Rng(u64);
+pub(super) struct Rng(pub u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         // xorshift64*: deterministic per seed, so a failing seed replays.
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -53,16 +53,19 @@ struct Sim {
     rounds: u64,
     first_push: Option<Duration>,
     late: u64,
+    adaptive_timeouts: u64,
+    adaptive_below_cap: u64,
+    skipped: u64,
 }
 
 impl Sim {
     fn new(seed: u64) -> Self {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let workers = 1 + rng.below(6) as usize;
-        let mode = if rng.below(3) == 0 {
-            BarrierMode::Naive
-        } else {
-            BarrierMode::Timeout(Duration::from_millis(1 + rng.below(40)))
+        let mode = match rng.below(3) {
+            0 => BarrierMode::Naive,
+            1 => BarrierMode::Timeout(Duration::from_millis(1 + rng.below(40))),
+            _ => BarrierMode::Adaptive(Duration::from_millis(1 + rng.below(40))),
         };
         let compute = (0..workers)
             .map(|_| {
@@ -86,6 +89,9 @@ impl Sim {
             rounds: 0,
             first_push: None,
             late: 0,
+            adaptive_timeouts: 0,
+            adaptive_below_cap: 0,
+            skipped: 0,
         }
     }
 
@@ -145,9 +151,31 @@ impl Sim {
                             assert!(participants.len() < members.len());
                             assert_eq!(self.now, first + t, "closed off its deadline");
                         }
+                        (BarrierMode::Adaptive(cap), CloseCause::SlowSkipped) => {
+                            assert!(participants.len() < members.len());
+                            assert!(self.now - first <= cap, "adaptive waited past its cap");
+                            self.skipped += 1;
+                        }
+                        (_, CloseCause::SlowSkipped) => panic!("only adaptive skips the slow"),
+                        (BarrierMode::Adaptive(cap), CloseCause::Timeout) => {
+                            assert!(participants.len() < members.len());
+                            assert!(self.now - first <= cap, "adaptive waited past its cap");
+                            self.adaptive_timeouts += 1;
+                            if self.now - first < cap {
+                                self.adaptive_below_cap += 1;
+                            }
+                        }
                     }
                 }
-                Action::Serve { rank } => {
+                Action::Serve {
+                    rank,
+                    clock,
+                    min_clock,
+                } => {
+                    assert_eq!(
+                        (clock, min_clock),
+                        (self.barrier.round(), self.barrier.round())
+                    );
                     let w = rank as usize;
                     let State::Waiting(since) = self.state[w] else {
                         panic!(
@@ -155,7 +183,7 @@ impl Sim {
                             self.state[w]
                         );
                     };
-                    if let BarrierMode::Timeout(t) = self.mode {
+                    if let BarrierMode::Timeout(t) | BarrierMode::Adaptive(t) = self.mode {
                         if self.barrier.started() && since > Duration::ZERO {
                             assert!(
                                 self.now - since <= t,
@@ -168,7 +196,8 @@ impl Sim {
                     let after = self.jitter(w);
                     self.schedule(after, Ev::Push(rank, clock));
                 }
-                Action::DiscardLate { rank, clock, round } => {
+                Action::Apply { .. } => panic!("a barrier applied a single push"),
+                Action::Late { rank, clock, round } => {
                     assert!(clock < round);
                     assert_eq!(round, self.barrier.round());
                     assert_eq!(self.state[rank as usize], State::Waiting(self.now));
@@ -239,20 +268,34 @@ impl Sim {
 
 #[test]
 fn random_schedules_obey_the_policy() {
-    let (mut rounds, mut late, mut naive, mut timeout) = (0, 0, 0, 0);
+    let (mut rounds, mut late, mut naive, mut timeout, mut adaptive) = (0, 0, 0, 0, 0);
+    let (mut adaptive_timeouts, mut adaptive_below_cap, mut skipped) = (0, 0, 0);
     for seed in 0..3000 {
         let mut sim = Sim::new(seed);
         sim.run(Duration::from_secs(2));
         assert!(sim.rounds > 0, "seed {seed}: no round closed in 2 s");
         rounds += sim.rounds;
         late += sim.late;
+        adaptive_timeouts += sim.adaptive_timeouts;
+        adaptive_below_cap += sim.adaptive_below_cap;
+        skipped += sim.skipped;
         match sim.mode {
             BarrierMode::Naive => naive += 1,
             BarrierMode::Timeout(_) => timeout += 1,
+            BarrierMode::Adaptive(_) => adaptive += 1,
         }
     }
-    // The schedules exercised both policies and the late path.
-    assert!(naive > 100 && timeout > 100 && late > 100 && rounds > 10_000);
+    // The schedules exercised every policy and the late path, and the adaptive timeout learnt
+    // to close rounds before its cap.
+    assert!(naive > 100 && timeout > 100 && adaptive > 100 && late > 100 && rounds > 10_000);
+    assert!(
+        adaptive_below_cap > adaptive_timeouts / 4,
+        "{adaptive_below_cap} of {adaptive_timeouts}"
+    );
+    assert!(
+        skipped > 1000,
+        "adaptive never stopped waiting for a slow worker: {skipped}"
+    );
 }
 
 fn t(ms: u64) -> Instant {
@@ -278,7 +321,11 @@ fn nobody_gets_the_model_until_everyone_joined() {
     assert_eq!(
         actions(&mut b),
         (0..3)
-            .map(|rank| Action::Serve { rank })
+            .map(|rank| Action::Serve {
+                rank,
+                clock: 0,
+                min_clock: 0
+            })
             .collect::<Vec<_>>()
     );
 }
@@ -303,21 +350,34 @@ fn timeout_closes_with_whoever_arrived_and_late_pushes_rejoin() {
                 missing: 1,
                 cause: CloseCause::Timeout
             },
-            Action::Serve { rank: 0 },
-            Action::Serve { rank: 1 },
+            Action::Serve {
+                rank: 0,
+                clock: 1,
+                min_clock: 1
+            },
+            Action::Serve {
+                rank: 1,
+                clock: 1,
+                min_clock: 1
+            },
         ]
     );
-    // The straggler's gradient for round 0 is late: dropped, and it gets the model of round 1.
+    // The straggler's gradient for round 0 is late (folded or dropped by the server), and it
+    // gets the model of round 1.
     b.on_push(2, 0, t(40)).unwrap();
     assert_eq!(
         actions(&mut b),
         vec![
-            Action::DiscardLate {
+            Action::Late {
                 rank: 2,
                 clock: 0,
                 round: 1
             },
-            Action::Serve { rank: 2 }
+            Action::Serve {
+                rank: 2,
+                clock: 1,
+                min_clock: 1
+            }
         ]
     );
     assert_eq!(b.poll_timeout(), None);

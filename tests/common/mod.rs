@@ -131,6 +131,35 @@ impl Drop for Proc {
     }
 }
 
+/// Runs a job of 4 workers on loopback: the server with `--workers 4 --save-model save`, the
+/// tensors `model` (`--dims ...`) and `server_extra`; worker `r` with `worker_extra[r]`. Waits
+/// for everyone to succeed and returns the server's log.
+pub fn job(
+    model: &[&str],
+    server_extra: &[&str],
+    worker_extra: &[&[&str]; 4],
+    save: &Path,
+) -> String {
+    let mut args = vec!["--workers", "4", "--save-model", save.to_str().unwrap()];
+    args.extend_from_slice(model);
+    args.extend_from_slice(server_extra);
+    let (mut server, addr) = Proc::server(&args);
+    let mut ws: Vec<Proc> = (0..4)
+        .map(|r| {
+            let rank = r.to_string();
+            let mut a = vec!["worker", "--server", &addr, "--rank", &rank];
+            a.extend_from_slice(model);
+            a.extend_from_slice(worker_extra[r]);
+            Proc::spawn(&format!("worker {r}"), &a)
+        })
+        .collect();
+    server.success();
+    for w in &mut ws {
+        w.success();
+    }
+    server.log()
+}
+
 /// Reads a model saved with `--save-model`.
 pub fn read_model(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();
@@ -156,6 +185,9 @@ pub struct Round {
     pub participants: Vec<usize>,
     /// Workers in some parts of the key only: (rank, part indices within the key).
     pub partial: Vec<(usize, Vec<usize>)>,
+    /// Late gradients folded into this round: (worker, round computed on, weight, the parts
+    /// it went into, empty for all).
+    pub late: Vec<(usize, u64, f64, Vec<usize>)>,
     pub cause: String,
 }
 
@@ -170,7 +202,25 @@ pub fn parse_rounds(log: &str) -> Vec<Round> {
     log.lines()
         .map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["event"], "round_closed", "{line}");
+            let late: Vec<(usize, u64, f64, Vec<usize>)> = v["late"]
+                .as_array()
+                .map(|ls| {
+                    ls.iter()
+                        .map(|l| {
+                            (
+                                l["worker"].as_u64().unwrap() as usize,
+                                l["clock"].as_u64().unwrap(),
+                                l["weight"].as_f64().unwrap(),
+                                l.get("parts").map(&ranks).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(v["folded"].as_u64(), Some(late.len() as u64), "{line}");
             Round {
+                late,
                 key: v["key"].as_u64().unwrap() as usize,
                 round: v["round"].as_u64().unwrap(),
                 participants: ranks(&v["participants"]),
@@ -190,7 +240,8 @@ pub fn parse_rounds(log: &str) -> Vec<Round> {
 
 /// Key `key`'s model after its logged rounds, replayed in f64 from zero with the simulated
 /// workers' objective: `m <- m - lr * mean over participants p of (m - target_p)`, where element
-/// `i` (in part `i / part_floats`) counts a worker listed as partial only for its parts.
+/// `i` (in part `i / part_floats`) counts a worker listed as partial only for its parts, and a
+/// late gradient folded in with weight `w` counts `w` times, computed on the model of its round.
 pub fn replay_key(
     rounds: &[Round],
     workers: u32,
@@ -203,7 +254,22 @@ pub fn replay_key(
         .map(|r| hetsync::worker::target(r, key, dim, 1))
         .collect();
     let mut m = vec![0f64; dim];
+    // The models late gradients were computed on, kept only for those rounds.
+    let needed: std::collections::BTreeSet<u64> = rounds
+        .iter()
+        .filter(|r| r.key == key)
+        .flat_map(|r| r.late.iter().map(|l| l.1))
+        .collect();
+    let mut history: std::collections::HashMap<u64, Vec<f64>> = Default::default();
     for r in rounds.iter().filter(|r| r.key == key) {
+        if needed.contains(&r.round) {
+            history.insert(r.round, m.clone());
+        }
+        let late: Vec<(&Vec<f64>, usize, f64, &Vec<usize>)> = r
+            .late
+            .iter()
+            .map(|(w, c, wt, parts)| (&history[c], *w, *wt, parts))
+            .collect();
         for (i, mi) in m.iter_mut().enumerate() {
             let part = i / part_floats;
             let extra = r
@@ -212,12 +278,17 @@ pub fn replay_key(
                 .filter(|(_, parts)| parts.contains(&part))
                 .map(|(w, _)| *w);
             let who: Vec<usize> = r.participants.iter().copied().chain(extra).collect();
-            let g: f64 = who
+            let on_time: f64 = who.iter().map(|&p| *mi - f64::from(targets[p][i])).sum();
+            let here: Vec<_> = late
                 .iter()
-                .map(|&p| *mi - f64::from(targets[p][i]))
-                .sum::<f64>()
-                / who.len() as f64;
-            *mi -= lr * g;
+                .filter(|l| l.3.is_empty() || l.3.contains(&part))
+                .collect();
+            let folded: f64 = here
+                .iter()
+                .map(|&&(old, w, wt, _)| wt * (old[i] - f64::from(targets[w][i])))
+                .sum();
+            let weight = who.len() as f64 + here.iter().map(|l| l.2).sum::<f64>();
+            *mi -= lr * (on_time + folded) / weight;
         }
     }
     m.iter().map(|&x| x as f32).collect()
@@ -226,6 +297,20 @@ pub fn replay_key(
 /// The one-tensor case of [`replay_key`], with no partial rounds.
 pub fn replay(rounds: &[Round], workers: u32, dim: usize, lr: f64) -> Vec<f32> {
     replay_key(rounds, workers, 0, dim, usize::MAX, lr)
+}
+
+/// The number after `word` in the server's `finished:` line, e.g. `folded 3`.
+pub fn summary_count(log: &str, word: &str) -> u64 {
+    log.lines()
+        .find(|l| l.contains("finished:"))
+        .and_then(|l| l.split(&format!(" {word} ")).nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| {
+            n.trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no `{word}` count in the summary:\n{log}"))
 }
 
 /// Reads one whole frame (header and payload) from a raw protocol connection.

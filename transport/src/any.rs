@@ -227,6 +227,14 @@ impl WorkerLink for AnyLink {
         }
     }
 
+    fn push_clock(&self) -> crate::protocol::PushClock {
+        match self {
+            AnyLink::Tcp(t) => t.push_clock(),
+            #[cfg(feature = "rdma")]
+            AnyLink::Rdma(r) => r.push_clock(),
+        }
+    }
+
     fn tensor(&mut self, t: usize) -> (&[f32], &mut [f32]) {
         self.inner().tensor(t)
     }

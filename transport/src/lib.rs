@@ -268,6 +268,9 @@ pub trait WorkerLink {
     /// The job's parts, as the server's partition size cuts them.
     fn parts(&self) -> &protocol::Parts;
 
+    /// What the clock of a push means on this job (the server's welcome said).
+    fn push_clock(&self) -> protocol::PushClock;
+
     /// Tensor `t`'s latest model and its gradient buffer, together, so a gradient can be computed
     /// from the model without a copy: fill the buffer, then [`push`](WorkerLink::push) its parts.
     fn tensor(&mut self, t: usize) -> (&[f32], &mut [f32]);

@@ -149,7 +149,7 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::control_frame;
+    use crate::protocol::{control_frame, Welcome};
 
     fn parts() -> Parts {
         Parts::new(&[300, 1], 1024).unwrap()
@@ -308,7 +308,11 @@ mod tests {
             })
         ));
         for kind in [FrameKind::Model, FrameKind::Welcome] {
-            let len = if kind == FrameKind::Welcome { 8 } else { 4 };
+            let len = if kind == FrameKind::Welcome {
+                Welcome::LEN
+            } else {
+                4
+            };
             let f = control_frame(kind, 2, 0, &vec![0; len]);
             assert!(
                 matches!(

@@ -18,7 +18,7 @@ use super::handshake;
 use super::outbox::Outbox;
 use super::reactor::{Reactor, Ready, LISTENER, WATCH};
 use super::socket::{listen, read_nonblocking};
-use crate::protocol::{FrameKind, Hello, ProtocolError, Welcome};
+use crate::protocol::{FrameKind, Hello, ProtocolError, PushClock, Welcome};
 use crate::{Arena, Event, Key, LeaveReason, PeerError, Rank, TransportError, Version};
 
 /// Reads per readiness event before moving on to other peers (level-triggered: the rest waits).
@@ -33,6 +33,8 @@ pub struct ListenConfig {
     pub listen: SocketAddr,
     /// Number of workers; ranks are `0..workers`.
     pub workers: usize,
+    /// What the clock of a push means on this job (told to every worker in the welcome).
+    pub push_clock: PushClock,
 }
 
 #[derive(Debug)]
@@ -86,6 +88,7 @@ pub struct ServerEnd {
     next_gen: u64,
     by_rank: Vec<Option<usize>>,
     workers: usize,
+    push_clock: PushClock,
     /// Events produced outside `poll` (failed sends, disconnects), delivered by the next poll.
     pending: Vec<Event>,
     /// RDMA offers (rank, payload) for a transport on top to answer.
@@ -117,6 +120,7 @@ impl ServerEnd {
             next_gen: 0,
             by_rank: vec![None; cfg.workers],
             workers: cfg.workers,
+            push_clock: cfg.push_clock,
             pending: Vec::new(),
             offers: Vec::new(),
             abandoned: Vec::new(),
@@ -387,6 +391,7 @@ impl ServerEnd {
                 self.by_rank[hello.rank as usize] = Some(idx);
                 let welcome = Welcome {
                     part_bytes: arena.parts().part_bytes() as u64,
+                    push_clock: self.push_clock,
                 };
                 p.out.push_control(FrameKind::Welcome, &welcome.encode());
                 self.flush(arena, idx);

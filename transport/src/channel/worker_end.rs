@@ -7,7 +7,8 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    self, control_frame, FrameKind, Header, Hello, Parts, ProtocolError, Welcome, HEADER_LEN,
+    self, control_frame, FrameKind, Header, Hello, Parts, ProtocolError, PushClock, Welcome,
+    HEADER_LEN,
 };
 use crate::{Incoming, LinkError, PeerError};
 
@@ -17,6 +18,7 @@ pub struct WorkerEnd {
     stream: TcpStream,
     peer: String,
     parts: Parts,
+    push_clock: PushClock,
 }
 
 impl WorkerEnd {
@@ -73,6 +75,7 @@ impl WorkerEnd {
                 peer: addr.to_string(),
                 reason: format!("this worker's tensors: {e}"),
             })?,
+            push_clock: PushClock::default(),
         };
         end.write_all(
             &control_frame(FrameKind::Hello, 0, 0, &hello.encode()),
@@ -86,6 +89,7 @@ impl WorkerEnd {
                 let w = Welcome::decode(&b).map_err(|e| end.proto_err(e))?;
                 end.parts =
                     Parts::new(&dims, w.part_bytes as usize).map_err(|e| end.proto_err(e))?;
+                end.push_clock = w.push_clock;
                 Ok(end)
             }
             FrameKind::Error => Err(end.read_error(&h)),
@@ -99,6 +103,11 @@ impl WorkerEnd {
     /// The job's parts, as the server's welcome cut them.
     pub fn parts(&self) -> &Parts {
         &self.parts
+    }
+
+    /// What the clock of a push means on this job, as the welcome said.
+    pub fn push_clock(&self) -> PushClock {
+        self.push_clock
     }
 
     /// The server's address.

@@ -95,23 +95,51 @@ impl Hello {
     }
 }
 
-/// The server's acceptance of a hello: how tensors are cut into parts on this job.
+/// What the clock a worker stamps on a push means: the server's synchronisation policy decides,
+/// and says so in its [`Welcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PushClock {
+    /// The round of the part's model the gradient was computed on, as the last model received
+    /// said (barrier policies: `naive`, `timeout`, `adaptive`).
+    #[default]
+    ModelRound,
+    /// The worker's own clock, which it ticks once per iteration (vector-clock policies: BSP,
+    /// SSP, ASP). A push at clock `c` completes the worker's iteration `c` on that part, and the
+    /// model it gets back is its read at clock `c + 1`.
+    WorkerClock,
+}
+
+/// Welcome flag bit: pushes carry the worker's clock ([`PushClock::WorkerClock`]).
+const WELCOME_WORKER_CLOCK: u32 = 1;
+
+/// The server's acceptance of a hello: how tensors are cut into parts on this job, and what a
+/// push's clock means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Welcome {
     /// Largest part in bytes: a tensor larger than this travels and synchronises in parts.
     pub part_bytes: u64,
+    /// What the clock of a push means.
+    pub push_clock: PushClock,
 }
 
 impl Welcome {
-    /// Payload length of a welcome.
-    pub const LEN: usize = 8;
+    /// Payload length of a welcome: the partition size and the flags.
+    pub const LEN: usize = 12;
 
     /// Encodes the welcome payload.
     pub fn encode(&self) -> [u8; Self::LEN] {
-        self.part_bytes.to_le_bytes()
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&self.part_bytes.to_le_bytes());
+        let flags = match self.push_clock {
+            PushClock::ModelRound => 0,
+            PushClock::WorkerClock => WELCOME_WORKER_CLOCK,
+        };
+        b[8..].copy_from_slice(&flags.to_le_bytes());
+        b
     }
 
-    /// Decodes a welcome payload; rejects a partition size the protocol does not allow.
+    /// Decodes a welcome payload; rejects a partition size the protocol does not allow and
+    /// unknown flags.
     pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
         if b.len() != Self::LEN {
             return Err(ProtocolError::Truncated {
@@ -128,6 +156,18 @@ impl Welcome {
                 "partition size {part_bytes} bytes is not a multiple of {MIN_PART_BYTES} up to {MAX_PART_BYTES}"
             )));
         }
-        Ok(Self { part_bytes })
+        let push_clock = match u32_at(b, 8) {
+            0 => PushClock::ModelRound,
+            WELCOME_WORKER_CLOCK => PushClock::WorkerClock,
+            flags => {
+                return Err(ProtocolError::BadHello(format!(
+                    "unknown welcome flags {flags:#x}"
+                )))
+            }
+        };
+        Ok(Self {
+            part_bytes,
+            push_clock,
+        })
     }
 }

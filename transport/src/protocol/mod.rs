@@ -6,7 +6,8 @@
 //!
 //! A job is a list of tensors; each travels as one or more *parts* of at most the server's
 //! partition size ([`Parts`]), and the `key` of a push or model frame is the part's index. The
-//! handshake ([`Hello`], [`Welcome`]) agrees on the tensors and the partition size; the RDMA
+//! handshake ([`Hello`], [`Welcome`]) agrees on the tensors, the partition size and what a push's
+//! clock means ([`PushClock`]); the RDMA
 //! parameters and immediates are in [`rdma`].
 //!
 //! ```text
@@ -17,7 +18,7 @@
 //!      7     1  flags    must be 0 (reserved)
 //!      8     4  key      part index (see Parts)
 //!     12     4  reserved must be 0
-//!     16     8  clock    round of the model a gradient was computed on / round of a model
+//!     16     8  clock    push: see PushClock (model round or worker clock) / model: its round
 //!     24     8  len      payload bytes that follow
 //! ```
 
@@ -25,7 +26,7 @@ mod hello;
 mod parts;
 pub mod rdma;
 
-pub use hello::{Hello, Welcome, MAX_TENSORS};
+pub use hello::{Hello, PushClock, Welcome, MAX_TENSORS};
 pub use parts::{Part, Parts, MAX_PARTS, MAX_PART_BYTES, MIN_PART_BYTES};
 pub use rdma::RdmaParams;
 
@@ -35,7 +36,8 @@ use thiserror::Error;
 pub const MAGIC: [u8; 4] = *b"HSYN";
 /// Wire version; bumped on any incompatible change. Peers must match exactly.
 /// 2: partitions (the welcome carries the partition size; keys are parts), clock stamps on RDMA.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: the welcome says what a push's clock means ([`PushClock`]: model round or worker clock).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload of a control frame (error text, RDMA parameters): far above any legitimate

@@ -118,9 +118,9 @@ fn control_frames_are_bounded() {
     ));
     assert!(matches!(
         check(FrameKind::Welcome, 4),
-        Err(ProtocolError::WrongSize { expected: 8, .. })
+        Err(ProtocolError::WrongSize { expected: 12, .. })
     ));
-    assert_eq!(check(FrameKind::Welcome, 8), Ok(()));
+    assert_eq!(check(FrameKind::Welcome, 12), Ok(()));
     assert_eq!(check(FrameKind::Error, 100), Ok(()));
 }
 
@@ -203,12 +203,26 @@ fn hello_rejects_impossible_jobs() {
 
 #[test]
 fn welcome_round_trips_and_rejects_odd_partitions() {
-    let w = Welcome { part_bytes: 65536 };
-    assert_eq!(Welcome::decode(&w.encode()), Ok(w));
-    for bad in [0u64, 1000, 1025, 1 << 31] {
-        assert!(Welcome::decode(&bad.to_le_bytes()).is_err(), "{bad}");
+    for push_clock in [PushClock::ModelRound, PushClock::WorkerClock] {
+        let w = Welcome {
+            part_bytes: 65536,
+            push_clock,
+        };
+        assert_eq!(Welcome::decode(&w.encode()), Ok(w));
     }
-    assert!(Welcome::decode(&[0; 7]).is_err());
+    for bad in [0u64, 1000, 1025, 1 << 31] {
+        let mut b = [0u8; Welcome::LEN];
+        b[..8].copy_from_slice(&bad.to_le_bytes());
+        assert!(Welcome::decode(&b).is_err(), "{bad}");
+    }
+    let mut unknown_flag = Welcome {
+        part_bytes: 65536,
+        push_clock: PushClock::ModelRound,
+    }
+    .encode();
+    unknown_flag[8] = 2;
+    assert!(Welcome::decode(&unknown_flag).is_err());
+    assert!(Welcome::decode(&[0; 8]).is_err());
 }
 
 #[test]
@@ -307,7 +321,7 @@ fn decoding_random_bytes_never_panics() {
             let _ = check_len(&h, None);
         }
         let _ = Hello::decode(&b[HEADER_LEN..]);
-        let _ = Welcome::decode(&b[HEADER_LEN..HEADER_LEN + 8]);
+        let _ = Welcome::decode(&b[HEADER_LEN..HEADER_LEN + Welcome::LEN]);
         let _ = RdmaParams::decode(&b[HEADER_LEN..]);
     }
 }

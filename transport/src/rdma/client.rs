@@ -236,6 +236,10 @@ impl WorkerLink for RdmaClient {
         self.control.parts()
     }
 
+    fn push_clock(&self) -> crate::protocol::PushClock {
+        self.control.push_clock()
+    }
+
     fn tensor(&mut self, t: usize) -> (&[f32], &mut [f32]) {
         let r = self.block.tensor(t, self.control.parts().dims()[t] * 4);
         let model = &self.models.bytes()[r.clone()];

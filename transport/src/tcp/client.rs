@@ -39,6 +39,10 @@ impl WorkerLink for TcpClient {
         self.end.parts()
     }
 
+    fn push_clock(&self) -> crate::protocol::PushClock {
+        self.end.push_clock()
+    }
+
     fn tensor(&mut self, t: usize) -> (&[f32], &mut [f32]) {
         (&self.models[t], &mut self.grads[t])
     }

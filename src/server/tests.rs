@@ -1,0 +1,112 @@
+//! The server loop against a scripted transport, and its stop check.
+
+use super::*;
+use crate::sync::SyncMode;
+use hetsync_transport::any::Choice;
+use hetsync_transport::{Key, TransportError, Version};
+use std::collections::VecDeque;
+use std::sync::mpsc;
+
+/// A transport that plays scripted events, whose sends never finish (so both model versions
+/// end up being read), and whose `release` drops a worker the way RDMA drops a stuck peer.
+#[derive(Debug)]
+struct Scripted {
+    script: VecDeque<Vec<Event>>,
+    sends: Vec<(Rank, Key, Version)>,
+    victim: Rank,
+}
+
+impl Transport for Scripted {
+    fn poll(
+        &mut self,
+        arena: &mut Arena,
+        events: &mut Vec<Event>,
+        _: Option<Instant>,
+    ) -> Result<(), TransportError> {
+        for ev in self.script.pop_front().unwrap_or_default() {
+            if let Event::Pushed { rank, key, clock } = ev {
+                arena.receive_into(rank, key).unwrap().fill(0);
+                arena.hand_over(rank, key, clock).unwrap();
+            }
+            events.push(ev);
+        }
+        Ok(())
+    }
+    fn send_model(&mut self, arena: &mut Arena, rank: Rank, key: Key) {
+        let (v, _) = arena.start_send(key);
+        self.sends.push((rank, key, v));
+    }
+    fn release(&mut self, arena: &mut Arena, key: Key, version: Version) {
+        // The victim's write never completes: it is dropped, its slots lent again, and its
+        // sends (and, for this test, everyone's) stop reading.
+        arena.reset_worker(self.victim);
+        for &(_, k, v) in &self.sends {
+            if (k, v) == (key, version) {
+                arena.end_send(k, v);
+            }
+        }
+        self.sends.retain(|&(_, k, v)| (k, v) != (key, version));
+    }
+    fn disconnect(&mut self, _: &mut Arena, _: Rank, why: &str) {
+        panic!("nobody should be dropped by the server here: {why}");
+    }
+    fn shutdown(&mut self, _: &mut Arena, _: Duration) {}
+}
+
+#[test]
+fn a_participant_dropped_while_a_version_is_released_is_left_out_not_a_crash() {
+    let cfg = ServerConfig {
+        mode: SyncMode::NAIVE,
+        rounds: Some(2),
+        ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), 2, vec![4])
+    };
+    let arena = Arena::new(2, parts_of(&cfg).unwrap()).unwrap();
+    let push = |rank, clock| Event::Pushed {
+        rank,
+        key: 0,
+        clock,
+    };
+    let script = VecDeque::from(vec![
+        vec![Event::Joined { rank: 0 }, Event::Joined { rank: 1 }],
+        vec![push(0, 0), push(1, 0)],
+        // Round 1 finds both versions being read: releasing one drops worker 1.
+        vec![push(0, 1), push(1, 1)],
+    ]);
+    let transport = Scripted {
+        script,
+        sends: Vec::new(),
+        victim: 1,
+    };
+    let server = Server::new(transport, arena, cfg).unwrap();
+    let report = server.run(&AtomicBool::new(false)).unwrap();
+    assert_eq!(report.stats.rounds, 2);
+    assert_eq!(
+        report.stats.participants,
+        2 + 1,
+        "round 1 went on without worker 1"
+    );
+}
+
+#[test]
+fn stop_is_seen_even_before_any_worker_joins() {
+    let (server, _) = Server::bind(ServerConfig {
+        mode: SyncMode::NAIVE,
+        transport: Choice::Tcp,
+        ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), 2, vec![8, 3])
+    })
+    .unwrap();
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| tx.send(server.run(&stop)).unwrap());
+        std::thread::sleep(Duration::from_millis(150));
+        stop.store(true, Ordering::Relaxed);
+        // A bound that only catches a hang: the loop wakes at least every 100 ms.
+        let report = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server ignored stop");
+        let report = report.unwrap();
+        assert!(!report.started);
+        assert_eq!(report.stats.rounds, 0);
+    });
+}
