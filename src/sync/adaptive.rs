@@ -158,16 +158,24 @@ mod tests {
     fn stops_waiting_for_a_persistent_straggler_and_waits_again_once_it_speeds_up() {
         let t0 = Instant::now();
         let mut a = AdaptiveTimeout::new(ms(20.0), 4);
-        // Two fast workers 0.4 ms apart; the straggler 180 ms after: beyond the cap.
-        rounds(&mut a, t0, 0, 30, &[0.4, 180.0]);
+        // Two fast workers 0.4 ms apart; the straggler (worker 2) 180 ms after: beyond the cap.
+        rounds(&mut a, t0, 0, 1, &[0.4, 180.0]);
+        assert!(a.expected(2), "one slow push does not write a worker off");
+        rounds(&mut a, t0, 1, 29, &[0.4, 180.0]);
+        assert!(!a.expected(2) && a.expected(1) && a.expected(0));
         assert_eq!(a.timeout(), FLOOR);
         // It speeds up but is out of phase: it arrives 8 ms after the others' first push.
         rounds(&mut a, t0, 30, 5, &[0.4, 8.0]);
+        assert!(a.expected(2), "waited for again");
         assert_eq!(
             a.timeout(),
             ms(10.5),
             "1.25 x 8 ms + 0.5 ms covers it again"
         );
+        rounds(&mut a, t0, 35, 2, &[0.4, 180.0]);
+        assert!(!a.expected(2));
+        a.forget(2);
+        assert!(a.expected(2), "a new worker on the rank is expected");
     }
 
     #[test]
