@@ -78,3 +78,45 @@ fn bench_stragglers_writes_json_rows_and_a_png_graph() {
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
     assert!(bytes.len() > 10_000, "suspiciously small graph");
 }
+
+#[test]
+fn demo_writes_both_seeds_tables() {
+    let dir = scratch("demo");
+    let mut p = Proc::spawn(
+        "demo",
+        &["demo", "--seconds", "0.2", "--out", dir.to_str().unwrap()],
+    );
+    p.success();
+    let rows = |name: &str| -> Vec<(String, String, u64)> {
+        let path = dir.join(format!("{name}.json"));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let png = std::fs::read(dir.join(format!("{name}.png"))).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{name}.png is not a PNG"
+        );
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["policy"].as_str().unwrap().to_string(),
+                    r["straggler_mode"].as_str().unwrap().to_string(),
+                    r["stragglers_pct"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let het_sync = rows("persistent");
+    assert_eq!(het_sync.len(), 3 * 4, "{het_sync:?}");
+    assert!(het_sync
+        .iter()
+        .all(|r| r.1 == "persistent" && ["naive", "timeout", "adaptive"].contains(&r.0.as_str())));
+    let angel = rows("transient");
+    assert_eq!(angel.len(), 4 * 3, "{angel:?}");
+    assert!(angel.iter().all(|r| r.1 == "transient"
+        && ["naive", "bsp", "ssp", "asp"].contains(&r.0.as_str())
+        && r.2 <= 50));
+}

@@ -78,7 +78,7 @@ pub(crate) enum Policy {
     /// Barrier: close a round when every worker pushed, or --timeout-ms after its first push.
     Timeout,
     /// Barrier: like timeout, the timeout learnt from recent rounds (starts at and never exceeds
-    /// --timeout-ms).
+    /// --timeout-ms); workers that are persistently slow are not waited for until they speed up.
     Adaptive,
     /// Vector clock, staleness 0: every push applied as it comes; a read at clock c waits until
     /// every worker has completed clock c - 1.
