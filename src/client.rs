@@ -4,12 +4,16 @@
 //!
 //! The verbs are Angel's: [`push`](Client::push) (its `increment`), [`clock`](Client::clock)
 //! (the end of an iteration) and [`wait`](Client::wait) (the read). Under a vector-clock policy
-//! (BSP, SSP, ASP) a push carries this worker's clock, the server applies it at once, and the
-//! model it sends back is the read at the next clock, held by the server until the slowest
-//! worker is within the staleness bound: `wait` blocks on the socket (or the completion channel)
-//! without polling. Under a barrier policy a push carries the round of the model it was computed
-//! on and the reply is the next round's model; `clock` only counts. [`step`](Client::step) does
-//! all three.
+//! (BSP, SSP, ASP) a push carries this worker's clock on that key, the server applies it at
+//! once, and the model it sends back is the read at the next clock, held by the server until the
+//! slowest worker is within the staleness bound: `wait` blocks on the socket (or the completion
+//! channel) without polling. A worker's clock on a key ticks at `clock()` if it pushed the key in
+//! that iteration: a key it leaves out keeps its clock (and holds the other workers' reads of
+//! that key back once they are the bound ahead). Under BSP, a worker that waits for one key
+//! before pushing another that a second worker waits for first deadlocks them both; pushing
+//! every key before waiting ([`step`](Client::step)) never does. Under a barrier policy a push
+//! carries the round of the model it was computed on and the reply is the next round's model;
+//! `clock` only counts.
 //!
 //! Each tensor (key) has a model buffer and a gradient buffer owned by the link (registered
 //! memory on RDMA). A key's model may be read and its gradient written between
@@ -142,8 +146,10 @@ pub struct Client {
     push_clock: PushClock,
     /// This worker's clock: iterations completed ([`clock`](Self::clock) calls).
     clock: Clock,
-    /// Per tensor, the clock it was last pushed at.
-    pushed_at: Vec<Option<Clock>>,
+    /// Per tensor, this worker's clock on it: the iterations in which it pushed it.
+    key_clock: Vec<Clock>,
+    /// Per tensor, whether it was pushed since the last `clock()`.
+    touched: Vec<bool>,
     shutdown: bool,
 }
 
@@ -171,7 +177,8 @@ impl Client {
         Ok(Self {
             rounds: vec![0; parts.len()],
             awaiting: vec![true; parts.len()],
-            pushed_at: vec![None; parts.dims().len()],
+            key_clock: vec![0; parts.dims().len()],
+            touched: vec![false; parts.dims().len()],
             awaited,
             push_clock: link.push_clock(),
             clock: 0,
@@ -237,36 +244,44 @@ impl Client {
         self.push_clock
     }
 
-    /// Ends this worker's iteration: its clock ticks, on every key it pushed (Angel's `clock`).
-    /// Under a vector-clock policy the server learnt the tick with each push; the reads that
-    /// follow are at the new clock.
+    /// Ends this worker's iteration (Angel's `clock`): its clock ticks, and so does its clock
+    /// on every key it pushed since the last call. Under a vector-clock policy the server learnt
+    /// each tick with the push; the reads that follow are at the new clock.
     pub fn clock(&mut self) {
         self.clock += 1;
+        for (c, t) in self.key_clock.iter_mut().zip(&mut self.touched) {
+            if std::mem::take(t) {
+                *c += 1;
+            }
+        }
     }
 
     /// Pushes tensor `key`'s gradient buffer, part by part (Angel's `increment`), stamped with
-    /// this worker's clock (vector-clock policies) or the round of each part's model (barrier
-    /// policies). Other keys may be pushed before waiting for this one.
+    /// this worker's clock on the key (vector-clock policies) or the round of each part's model
+    /// (barrier policies). Other keys may be pushed before waiting for this one. After the
+    /// server ended the run it does nothing.
     ///
     /// # Panics
     /// If the key's model is still awaited (push only after [`wait`](Self::wait) for it), or,
-    /// under a vector-clock policy, if the key was pushed already at this clock (call
+    /// under a vector-clock policy, if the key was pushed already in this iteration (call
     /// [`clock`](Self::clock) between iterations).
     pub fn push(&mut self, key: usize) -> Result<(), LinkError> {
+        if self.shutdown {
+            return Ok(());
+        }
         self.check_idle(key);
         let clocked = self.push_clock == PushClock::WorkerClock;
-        if clocked && !self.shutdown {
-            assert_ne!(
-                self.pushed_at[key],
-                Some(self.clock),
-                "key {key} was pushed already at clock {}: call clock() between iterations",
+        if clocked {
+            assert!(
+                !self.touched[key],
+                "key {key} was pushed already in iteration {}: call clock() between iterations",
                 self.clock
             );
         }
-        self.pushed_at[key] = Some(self.clock);
+        self.touched[key] = true;
         for p in self.link.parts().of_tensor(key) {
             let stamp = if clocked {
-                self.clock
+                self.key_clock[key]
             } else {
                 self.rounds[p as usize]
             };

@@ -141,3 +141,55 @@ fn asp_never_holds_a_read_back() {
         "fast workers ran only {ahead} clocks ahead:\n{log}"
     );
 }
+
+/// A worker's clock on a key ticks only in iterations that pushed it: a worker that leaves a key
+/// out now and then is not dropped for it, and holds only that key's slowest clock back.
+#[test]
+fn a_key_left_out_of_an_iteration_keeps_its_clock() {
+    use hetsync::client::{Client, ConnectOptions, Status};
+    use hetsync::server::{Server, ServerConfig};
+    use hetsync::sync::SyncMode;
+    use std::sync::atomic::AtomicBool;
+
+    let dims = vec![10, 3];
+    let (server, _) = Server::bind(ServerConfig {
+        mode: SyncMode::Clocks(None),
+        rounds: Some(4),
+        transport: hetsync_transport::any::Choice::Tcp,
+        ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), 2, dims.clone())
+    })
+    .unwrap();
+    let addr = server.local_addr().to_string();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let server = s.spawn(|| server.run(&stop));
+        let workers: Vec<_> = (0..2u32)
+            .map(|rank| {
+                let opts = ConnectOptions::new(&addr, rank, dims.clone());
+                s.spawn(move || {
+                    let mut c = Client::connect(&opts).unwrap();
+                    assert_eq!(c.wait_all().unwrap(), Status::Ready);
+                    for i in 0..200 {
+                        // Worker 1 pushes key 1 every other iteration only.
+                        let keys: &[usize] = if rank == 1 && i % 2 == 1 { &[0] } else { &[0, 1] };
+                        for &k in keys {
+                            c.tensor(k).1.fill(1.0);
+                            c.push(k).unwrap();
+                        }
+                        c.clock();
+                        if c.wait_all().unwrap() == Status::Shutdown {
+                            return i;
+                        }
+                    }
+                    panic!("the server never finished");
+                })
+            })
+            .collect();
+        let iterations: Vec<u32> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        let report = server.join().unwrap().unwrap();
+        assert_eq!(report.stats.departures, 0, "a worker was dropped");
+        assert_eq!(report.stats.rounds, 4, "key 1's slowest clock sets the pace");
+        // Worker 1 took about 8 iterations to push key 1 four times.
+        assert!(iterations[1] >= 6, "{iterations:?}");
+    });
+}

@@ -398,34 +398,45 @@ fn asp_serves_every_read_at_once_and_bsp_waits_for_everyone() {
 
 #[test]
 fn pushes_no_worker_could_make_are_errors() {
-    let mut p = VectorClock::new(Some(1), 2);
+    let mut p = VectorClock::new(None, 2);
     assert_eq!(p.on_push(0, 0, t(0)), Err(SyncError::NotMember { rank: 0 }));
     p.on_join(0, t(0));
-    assert_eq!(
-        p.on_push(0, 0, t(0)),
-        Err(SyncError::NotStarted { rank: 0 })
-    );
+    assert_eq!(p.on_push(0, 0, t(0)), Err(SyncError::NotStarted { rank: 0 }));
     p.on_join(1, t(0));
     let _ = actions(&mut p);
-    assert_eq!(
-        p.on_push(0, 2, t(0)),
-        Err(SyncError::BeyondBound {
-            rank: 0,
-            clock: 2,
-            min_clock: 0,
-            staleness: 1
-        })
-    );
+    // Even without a bound, no clock may be skipped (nor overflow).
+    for bad in [1, 2, u64::MAX] {
+        assert_eq!(
+            p.on_push(0, bad, t(0)),
+            Err(SyncError::WrongClock {
+                rank: 0,
+                clock: bad,
+                expected: 0
+            })
+        );
+    }
     p.on_push(0, 0, t(0)).unwrap();
     let _ = actions(&mut p);
     assert_eq!(
         p.on_push(0, 0, t(0)),
-        Err(SyncError::PastClock {
+        Err(SyncError::WrongClock {
             rank: 0,
             clock: 0,
-            done: 0
+            expected: 1
         })
     );
+    // After a rejoin its own numbering restarts at 0, whatever the job's clock.
+    for c in 1..5 {
+        p.on_push(0, c, t(c)).unwrap();
+    }
+    p.on_push(1, 0, t(5)).unwrap();
+    p.on_leave(1, t(6));
+    p.on_join(1, t(7));
+    let _ = actions(&mut p);
+    assert_eq!(p.clock_of(1), 5);
+    assert!(p.on_push(1, u64::MAX, t(8)).is_err());
+    assert!(p.on_push(1, 5, t(8)).is_err());
+    p.on_push(1, 0, t(8)).unwrap();
 }
 
 #[test]

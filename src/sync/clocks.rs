@@ -11,9 +11,12 @@
 //! Under BSP every gradient of iteration `c` is applied before anyone reads at `c + 1`: the model
 //! goes through the same steps as the naive barrier's, one push at a time.
 //!
-//! A push is legitimate only at a clock the worker could have reached: not one it has completed
-//! already, not while its read is held, and not more than N ahead of the slowest worker (it would
-//! never have been served a model to compute on). A worker that joins again after the start
+//! A worker's clock on a part advances with its pushes of that part (the client ticks, on
+//! `clock()`, every key it pushed), so the only legitimate push is at exactly the worker's clock
+//! on the part, and only once its read there was served: anything else (a clock it completed
+//! already, one it skipped to, a push while its read is held) is an error and drops the worker.
+//! A served read never breaks the bound and the bound's minimum never decreases, so an accepted
+//! push is always within N of the slowest worker. A worker that joins again after the start
 //! starts at the slowest member's clock (its own numbering restarts at 0; the policy keeps the
 //! offset). Pure: fed with `now`, which it does not even need.
 
@@ -138,25 +141,16 @@ impl Policy for VectorClock {
                 clock: self.clock[r],
             });
         }
-        let clock = clock.saturating_add(self.base[r]);
-        if clock < self.clock[r] {
-            return Err(SyncError::PastClock {
+        let expected = self.clock[r];
+        if clock.checked_add(self.base[r]) != Some(expected) {
+            return Err(SyncError::WrongClock {
                 rank,
                 clock,
-                done: self.clock[r] - 1,
+                expected: expected - self.base[r],
             });
         }
-        if let Some(n) = self
-            .staleness
-            .filter(|&n| clock > self.min.saturating_add(n))
-        {
-            return Err(SyncError::BeyondBound {
-                rank,
-                clock,
-                min_clock: self.min,
-                staleness: n,
-            });
-        }
+        let clock = expected;
+        debug_assert!(self.allowed(clock), "a served read broke the bound");
         self.actions.push_back(Action::Apply { rank, clock });
         self.applied += 1;
         self.clock[r] = clock + 1;

@@ -142,15 +142,16 @@ pub enum SyncError {
         /// The round.
         round: u64,
     },
-    /// A push at a clock the worker has already completed on this part.
-    #[error("worker {rank} pushed at clock {clock}, but it has completed clocks up to {done} on this part already")]
-    PastClock {
+    /// A push at another clock than the worker's clock on this part (one it completed already,
+    /// or one it skipped to).
+    #[error("worker {rank} pushed at clock {clock}, but its clock on this part is {expected}")]
+    WrongClock {
         /// The worker.
         rank: Rank,
-        /// The clock it sent (the job's numbering).
+        /// The clock it sent (its own numbering).
         clock: u64,
-        /// The last clock it completed.
-        done: u64,
+        /// Its clock on the part (its own numbering).
+        expected: u64,
     },
     /// A push made before the worker's read was served: it cannot have a model to compute on.
     #[error("worker {rank} pushed before its read at clock {clock} was served")]
@@ -159,18 +160,5 @@ pub enum SyncError {
         rank: Rank,
         /// The read's clock.
         clock: u64,
-    },
-    /// A push at a clock further ahead of the slowest worker than the staleness bound allows:
-    /// no read at that clock could have been served.
-    #[error("worker {rank} pushed at clock {clock}, more than the staleness bound {staleness} ahead of the slowest worker's clock {min_clock}")]
-    BeyondBound {
-        /// The worker.
-        rank: Rank,
-        /// The clock it sent.
-        clock: u64,
-        /// The part's slowest clock.
-        min_clock: u64,
-        /// The bound.
-        staleness: u64,
     },
 }
