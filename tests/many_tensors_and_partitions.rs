@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{job, max_abs_diff, parse_rounds, read_model, replay_key, scratch};
+use common::{job, max_abs_diff, parse_rounds, read_model, replay_key, scratch, summary_count};
 use hetsync::worker::mean_target;
 
 const DIMS: [usize; 3] = [1, 1000, 300_000];
@@ -103,6 +103,13 @@ fn timeout_with_a_straggler_matches_each_keys_replay() {
             .any(|r| r.cause == "timeout" && !r.participants.contains(&3)),
         "no round closed without the straggler"
     );
+    // A late push of a key counts once, however many parts it has.
+    let folded = rounds
+        .iter()
+        .flat_map(|r| &r.late)
+        .filter(|l| l.3.is_empty() || l.3.contains(&0))
+        .count() as u64;
+    assert_eq!(summary_count(&server_log, "folded"), folded, "{server_log}");
     let got = read_model(&model);
     let mut at = 0;
     for (key, &dim) in DIMS.iter().enumerate() {

@@ -171,7 +171,11 @@ fn a_key_left_out_of_an_iteration_keeps_its_clock() {
                     assert_eq!(c.wait_all().unwrap(), Status::Ready);
                     for i in 0..200 {
                         // Worker 1 pushes key 1 every other iteration only.
-                        let keys: &[usize] = if rank == 1 && i % 2 == 1 { &[0] } else { &[0, 1] };
+                        let keys: &[usize] = if rank == 1 && i % 2 == 1 {
+                            &[0]
+                        } else {
+                            &[0, 1]
+                        };
                         for &k in keys {
                             c.tensor(k).1.fill(1.0);
                             c.push(k).unwrap();
@@ -188,7 +192,10 @@ fn a_key_left_out_of_an_iteration_keeps_its_clock() {
         let iterations: Vec<u32> = workers.into_iter().map(|w| w.join().unwrap()).collect();
         let report = server.join().unwrap().unwrap();
         assert_eq!(report.stats.departures, 0, "a worker was dropped");
-        assert_eq!(report.stats.rounds, 4, "key 1's slowest clock sets the pace");
+        assert_eq!(
+            report.stats.rounds, 4,
+            "key 1's slowest clock sets the pace"
+        );
         // Worker 1 took about 8 iterations to push key 1 four times.
         assert!(iterations[1] >= 6, "{iterations:?}");
     });

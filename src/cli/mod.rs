@@ -245,20 +245,23 @@ struct ServerArgs {
     /// part (bsp, ssp, asp).
     #[arg(long, value_enum, default_value_t = Policy::Timeout)]
     policy: Policy,
-    /// With --policy timeout: how long after a round's first push it closes anyway. With
-    /// --policy adaptive: where the learnt timeout starts, and its cap.
-    #[arg(long, default_value_t = 10.0, value_name = "MS", value_parser = positive_ms)]
-    timeout_ms: f64,
-    /// With --policy ssp: how many clocks a worker may run ahead of the slowest (default 3).
-    #[arg(long, value_name = "N")]
+    /// With --policy timeout: how long after a round's first push it closes anyway (default
+    /// 10). With --policy adaptive: where the learnt timeout starts, and its cap.
+    #[arg(long, value_name = "MS", value_parser = positive_ms)]
+    timeout_ms: Option<f64>,
+    /// With --policy ssp: how many clocks a worker may run ahead of the slowest (default 3; at
+    /// least 1: staleness 0 is --policy bsp).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     staleness: Option<u64>,
-    /// With a barrier policy: what happens to a gradient that missed its round.
-    #[arg(long, value_enum, default_value_t = LateArg::Fold)]
-    late: LateArg,
+    /// With --policy timeout or adaptive: what happens to a gradient that missed its round
+    /// (default fold).
+    #[arg(long, value_enum)]
+    late: Option<LateArg>,
     /// SGD learning rate.
     #[arg(long, default_value_t = 0.1, value_name = "X")]
     lr: f32,
-    /// Stop after every tensor has closed R rounds, and exit 0.
+    /// Stop after every tensor has closed R rounds (vector clocks: once every worker has
+    /// completed R clocks on every tensor), and exit 0.
     #[arg(long, value_name = "R")]
     rounds: Option<u64>,
     /// Seconds between progress lines (0: none).
@@ -368,8 +371,8 @@ pub(crate) struct StragglerArgs {
     /// transient (every step of every worker slow with that probability).
     #[arg(long, value_enum, default_value_t = Stragglers::Persistent)]
     straggler_mode: Stragglers,
-    /// The staleness of ssp.
-    #[arg(long, default_value_t = DEFAULT_STALENESS, value_name = "N")]
+    /// The staleness of ssp (at least 1: staleness 0 is bsp).
+    #[arg(long, default_value_t = DEFAULT_STALENESS, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     staleness: u64,
     /// What the barrier policies do with late gradients.
     #[arg(long, value_enum, default_value_t = LateArg::Fold)]
@@ -506,7 +509,9 @@ mod tests {
             assert!(parses(&format!("{server} --policy {p}")), "{p}");
         }
         assert!(parses(&format!(
-            "{server} --policy ssp --staleness 2 --late drop --trace t"
+            "{server} --policy ssp --staleness 2 --trace t"
         )));
+        assert!(!parses(&format!("{server} --policy ssp --staleness 0")));
+        assert!(parses(&format!("{server} --policy timeout --late drop")));
     }
 }

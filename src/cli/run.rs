@@ -3,7 +3,10 @@
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use super::{signals, CliError, Policy, ServerArgs, WorkerArgs};
+use super::{signals, CliError, LateArg, Policy, ServerArgs, WorkerArgs};
+
+/// `--timeout-ms` when not given.
+const DEFAULT_TIMEOUT_MS: f64 = 10.0;
 use crate::server::{Server, ServerConfig};
 use crate::worker::{self, WorkerConfig};
 
@@ -16,14 +19,27 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         );
     }
     let staleness = a.staleness.unwrap_or(super::DEFAULT_STALENESS);
-    let mode = a.policy.mode(a.timeout_ms, staleness);
+    let timed = matches!(a.policy, Policy::Timeout | Policy::Adaptive);
+    if !timed {
+        // Harmless, but worth saying: scripts often pass one set of options to every policy.
+        let name = a.policy.mode(1.0, staleness).name();
+        if a.timeout_ms.is_some() {
+            eprintln!("hetsync server: note: --timeout-ms has no effect with --policy {name}");
+        }
+        if a.late.is_some() {
+            eprintln!("hetsync server: note: --late has no effect with --policy {name} (no round to be late for)");
+        }
+    }
+    let timeout_ms = a.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    let late = a.late.unwrap_or(LateArg::Fold);
+    let mode = a.policy.mode(timeout_ms, staleness);
     let (server, why) = Server::bind(ServerConfig {
         listen: a.listen,
         workers: a.workers as usize,
         dims: a.model.dims()?,
         partition_bytes: a.partition_kib as usize * 1024,
         mode,
-        late: a.late.into(),
+        late: late.into(),
         lr: a.lr,
         rounds: a.rounds,
         duration: None,
@@ -35,11 +51,11 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         transport: a.transport.transport.into(),
         rdma: a.transport.rdma(),
     })?;
-    let mut policy = a.policy.describe(a.timeout_ms, staleness);
-    if !mode.is_clocked() && a.policy != Policy::Naive {
-        policy += match a.late {
-            super::LateArg::Fold => ", late gradients folded",
-            super::LateArg::Drop => ", late gradients dropped",
+    let mut policy = a.policy.describe(timeout_ms, staleness);
+    if timed {
+        policy += match late {
+            LateArg::Fold => ", late gradients folded",
+            LateArg::Drop => ", late gradients dropped",
         };
     }
     // Always printed, even with --quiet: scripts read the port and the transport from these.

@@ -4,7 +4,8 @@
 //! its round by `s = r - c` rounds. With `fold` it is copied out of its slot at once (before its
 //! worker gets its reply), scaled by its weight `1 / (1 + s)`, into the part's fold buffer; the
 //! next round the part closes adds the buffer into its sum and counts the weights in its mean:
-//! `model -= lr * (sum of on-time gradients + sum of w * late gradient) / (on-time + sum of w)`.
+//! `model -= lr * (sum of on-time gradients + sum of w * late gradient) / max(on-time + sum of
+//! w, 1)` (at least 1, so late gradients alone keep their down-weighting).
 //! With `drop` it is discarded (and counted). Nothing is lost silently either way.
 
 use crate::{Clock, Rank};

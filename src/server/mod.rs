@@ -306,13 +306,10 @@ impl<T: Transport> Server<T> {
             _ => None,
         };
         self.arena.lend(rank, key);
-        if self.tensors.first_late(key, rank, clock) {
-            if weight.is_some() {
-                self.stats.late_folded += 1;
-                self.stats.pushes_applied += 1;
-            } else {
-                self.stats.dropped += 1;
-            }
+        // A folded gradient is counted once its round closes; a dropped one now, once per key
+        // (every part of the push comes late).
+        if weight.is_none() && self.tensors.part_of(key).1 == 0 {
+            self.stats.dropped += 1;
         }
         if self.trace.detailed() {
             let (at, t) = (self.part_name(key), self.t_ms(now));
@@ -330,26 +327,21 @@ impl<T: Transport> Server<T> {
         clock: Clock,
         now: Instant,
     ) -> Result<(), ServerError> {
-        if self.arena.gradient(rank, key).is_some() {
-            let (sgd, kernel, w) = (self.sgd, self.kernel, self.cfg.workers as f32);
-            self.update(key, &[rank], |target, grads| match target {
-                Update::InPlace(model) => sgd.step_by(kernel, model, grads, w),
-                Update::Into { next, model } => sgd.apply_by(kernel, next, model, grads, w),
-            });
-            self.arena.lend(rank, key);
-        } else {
-            // Its connection ended since: the gradient left with it, and the model only counts
-            // the update for the policy's bookkeeping.
-            self.update(key, &[], |target, _| {
-                if let Update::Into { next, model } = target {
-                    next.copy_from_slice(model)
-                }
-            });
-            self.stats.dropped += u64::from(self.tensors.part_of(key).1 == 0);
+        let (sgd, kernel, w) = (self.sgd, self.kernel, self.cfg.workers as f32);
+        // Without the gradient (its worker's connection ended since) the model is only copied
+        // forward, so its round still counts the push, as the policy does.
+        let used = self.update(key, &[rank], |target, grads| match target {
+            Update::InPlace(model) => sgd.step_by(kernel, model, grads, w),
+            Update::Into { next, model } => sgd.apply_by(kernel, next, model, grads, w),
+        });
+        let first_part = self.tensors.part_of(key).1 == 0;
+        if used.is_empty() {
+            self.stats.dropped += u64::from(first_part);
             return Ok(());
         }
+        self.arena.lend(rank, key);
         let at = self.part_name(key);
-        if at.part.unwrap_or(0) == 0 {
+        if first_part {
             self.stats.pushes_applied += 1;
         }
         if self.trace.detailed() {
@@ -362,6 +354,7 @@ impl<T: Transport> Server<T> {
     /// Runs `f` over part `key`'s model and the held gradients of `ranks` (which must be held),
     /// releasing a version a slow reader still holds if both are busy. Returns the ranks whose
     /// gradient was used: releasing may drop a stuck peer, whose slots are then lent again.
+    /// `f` runs once: a refused [`Arena::update`] changes nothing and calls nothing.
     fn update(
         &mut self,
         key: Key,
@@ -410,7 +403,9 @@ impl<T: Transport> Server<T> {
             let mut weight = grads.len() as f32;
             if let Some((sum, w)) = fold {
                 all.push(sum);
-                weight += w;
+                // At least 1: late gradients alone (every on-time participant gone) keep their
+                // down-weighting.
+                weight = (weight + w).max(1.0);
             }
             match target {
                 Update::InPlace(model) => sgd.step_by(kernel, model, &all, weight),
@@ -433,9 +428,16 @@ impl<T: Transport> Server<T> {
         else {
             return Ok(());
         };
+        // Late gradients as their key's first part saw them: one per late push of the key.
+        let folded = done
+            .folded
+            .iter()
+            .filter(|f| f.parts.is_empty() || f.parts.contains(&0))
+            .count() as u64;
         self.stats.key_rounds += 1;
         self.stats.participants += done.participants.len() as u64;
-        self.stats.pushes_applied += done.participants.len() as u64;
+        self.stats.late_folded += folded;
+        self.stats.pushes_applied += done.participants.len() as u64 + folded;
         self.stats.stragglers += done.missing as u64;
         if done.cause == CloseCause::Timeout {
             self.stats.timeouts += 1;

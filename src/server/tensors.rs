@@ -4,7 +4,7 @@
 //! (which speak of keys, not parts).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::time::Instant;
 
 use hetsync_transport::protocol::Parts;
@@ -66,8 +66,6 @@ struct KeyState {
     closed: Clock,
     /// Rounds `closed`, `closed + 1`, ... being assembled.
     open: VecDeque<Assembly>,
-    /// The clock of the last late push counted per worker, so a late push counts once per key.
-    late: HashMap<Rank, Clock>,
 }
 
 /// Every part's policy and timer, and every key's rounds. See the [module documentation](self).
@@ -98,7 +96,6 @@ impl Tensors {
                 parts: parts.of_tensor(t).len() as u32,
                 closed: 0,
                 open: VecDeque::new(),
-                late: HashMap::new(),
             })
             .collect();
         Self {
@@ -198,13 +195,6 @@ impl Tensors {
                 out.push(key);
             }
         }
-    }
-
-    /// Whether a late push of `rank` on the model of round `clock` of part `key` is the first of
-    /// its key (the other parts of the same push are late too and not counted again).
-    pub fn first_late(&mut self, key: Key, rank: Rank, clock: Clock) -> bool {
-        let t = self.parts[key].tensor as usize;
-        self.keys[t].late.insert(rank, clock) != Some(clock)
     }
 
     /// Part `key` closed `round` with `participants` (`missing` workers left out) because of
@@ -355,14 +345,5 @@ mod tests {
             }
             assert_eq!(t.job_rounds(), round, "part 2 has closed {round} rounds");
         }
-    }
-
-    #[test]
-    fn a_late_push_counts_once_per_key() {
-        let mut t = Tensors::new(Parts::new(&[600], 1024).unwrap(), SyncMode::NAIVE, 2);
-        assert!(t.first_late(0, 1, 3));
-        assert!(!t.first_late(1, 1, 3));
-        assert!(!t.first_late(2, 1, 3));
-        assert!(t.first_late(0, 1, 4));
     }
 }

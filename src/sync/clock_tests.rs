@@ -401,7 +401,10 @@ fn pushes_no_worker_could_make_are_errors() {
     let mut p = VectorClock::new(None, 2);
     assert_eq!(p.on_push(0, 0, t(0)), Err(SyncError::NotMember { rank: 0 }));
     p.on_join(0, t(0));
-    assert_eq!(p.on_push(0, 0, t(0)), Err(SyncError::NotStarted { rank: 0 }));
+    assert_eq!(
+        p.on_push(0, 0, t(0)),
+        Err(SyncError::NotStarted { rank: 0 })
+    );
     p.on_join(1, t(0));
     let _ = actions(&mut p);
     // Even without a bound, no clock may be skipped (nor overflow).

@@ -287,7 +287,10 @@ pub fn replay_key(
                 .iter()
                 .map(|&&(old, w, wt, _)| wt * (old[i] - f64::from(targets[w][i])))
                 .sum();
-            let weight = who.len() as f64 + here.iter().map(|l| l.2).sum::<f64>();
+            let weight = match here.len() {
+                0 => who.len() as f64,
+                _ => (who.len() as f64 + here.iter().map(|l| l.2).sum::<f64>()).max(1.0),
+            };
             *mi -= lr * (on_time + folded) / weight;
         }
     }
