@@ -282,6 +282,14 @@ struct ServerArgs {
     /// (numpy.fromfile(FILE, "<f4")), through a temporary file renamed over FILE.
     #[arg(long, value_name = "FILE")]
     save_model: Option<PathBuf>,
+    /// How long a connection may take from connecting to joining (its hello, and over RDMA its
+    /// offer) before it is dropped.
+    #[arg(long, default_value_t = 10_000.0, value_name = "MS", value_parser = positive_ms)]
+    handshake_timeout_ms: f64,
+    /// How long a worker may leave what the server sends it unread before it is dropped (keep
+    /// it above the longest compute step between a push and the wait for its model).
+    #[arg(long, default_value_t = 60_000.0, value_name = "MS", value_parser = positive_ms)]
+    write_timeout_ms: f64,
     #[command(flatten)]
     transport: TransportArgs,
 }

@@ -10,8 +10,30 @@ const DEFAULT_TIMEOUT_MS: f64 = 10.0;
 use crate::server::{Server, ServerConfig};
 use crate::worker::{self, WorkerConfig};
 
+/// Raises the open-file soft limit to the hard limit (every worker and every connection still
+/// in its handshake holds a descriptor) and says so, or says what is short of `needed`.
+fn raise_open_files(needed: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let now = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        eprintln!("hetsync server: open-file limit raised from {soft} to {hard}");
+        hard
+    } else {
+        soft
+    };
+    if now < needed {
+        eprintln!(
+            "hetsync server: warning: the open-file limit is {now}, below the {needed} this job may need (its workers, connections still in their handshake, and spares): raise the hard limit (ulimit -Hn, or LimitNOFILE in systemd / the scheduler's settings)"
+        );
+    }
+}
+
 pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
     signals::install().map_err(|e| format!("installing the SIGINT/SIGTERM handler: {e}"))?;
+    let limits = hetsync_transport::channel::Limits::for_workers(a.workers as usize);
+    raise_open_files(u64::from(a.workers) + limits.pending as u64 + 64);
     if a.staleness.is_some() && a.policy != Policy::Ssp {
         return Err(
             "--staleness applies to --policy ssp only (bsp is staleness 0, asp has no bound)"
@@ -50,6 +72,8 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         save_model: a.save_model.clone(),
         transport: a.transport.transport.into(),
         rdma: a.transport.rdma(),
+        handshake_timeout: Duration::from_secs_f64(a.handshake_timeout_ms / 1e3),
+        write_timeout: Duration::from_secs_f64(a.write_timeout_ms / 1e3),
     })?;
     let mut policy = a.policy.describe(timeout_ms, staleness);
     if timed {

@@ -55,12 +55,17 @@ pub struct ServerConfig {
     pub transport: Choice,
     /// The RDMA device and GID index.
     pub rdma: RdmaSelect,
+    /// How long a connection may take to join (its hello, and over RDMA its offer).
+    pub handshake_timeout: Duration,
+    /// How long a peer's queued output may make no progress before it is dropped.
+    pub write_timeout: Duration,
 }
 
 impl ServerConfig {
     /// A job of `workers` workers and tensors of `dims` floats on `listen`, with the defaults of
     /// `hetsync server`: the timeout barrier at 10 ms folding late gradients in, learning rate
-    /// 0.1, 1 MiB parts, no round limit, quiet, the transport chosen automatically.
+    /// 0.1, 1 MiB parts, no round limit, quiet, the transport chosen automatically, 10 s to
+    /// join and 60 s of write deadline.
     pub fn new(listen: SocketAddr, workers: usize, dims: Vec<usize>) -> Self {
         Self {
             listen,
@@ -79,6 +84,8 @@ impl ServerConfig {
             save_model: None,
             transport: Choice::Auto,
             rdma: RdmaSelect::default(),
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: hetsync_transport::channel::DEFAULT_WRITE_TIMEOUT,
         }
     }
 }

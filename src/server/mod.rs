@@ -70,11 +70,9 @@ impl Server<AnyServer> {
     /// one and why.
     pub fn bind(cfg: ServerConfig) -> Result<(Self, String), ServerError> {
         let mut arena = Arena::new(cfg.workers, parts_of(&cfg)?).map_err(ServerError::Arena)?;
-        let listen = ListenConfig {
-            listen: cfg.listen,
-            workers: cfg.workers,
-            push_clock: cfg.mode.push_clock(),
-        };
+        let mut listen = ListenConfig::new(cfg.listen, cfg.workers, cfg.mode.push_clock());
+        listen.limits.handshake = cfg.handshake_timeout;
+        listen.write_timeout = cfg.write_timeout;
         let (transport, why) = AnyServer::bind(&listen, &mut arena, cfg.transport, &cfg.rdma)?;
         Ok((Self::new(transport, arena, cfg)?, why))
     }

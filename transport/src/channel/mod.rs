@@ -2,6 +2,7 @@
 //! framing of one connection ([`connection`]), its output queue ([`outbox`]), and the two ends
 //! built from them: the server's ([`ServerEnd`]) and the worker's ([`WorkerEnd`]).
 
+pub mod admission;
 pub mod connection;
 mod handshake;
 pub mod outbox;
@@ -10,5 +11,6 @@ mod server_end;
 mod socket;
 mod worker_end;
 
-pub use server_end::{ListenConfig, ServerEnd};
+pub use admission::Limits;
+pub use server_end::{ListenConfig, ServerEnd, DEFAULT_WRITE_TIMEOUT};
 pub use worker_end::WorkerEnd;

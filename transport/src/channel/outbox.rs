@@ -43,6 +43,8 @@ impl Segment {
 #[derive(Debug, Default)]
 pub struct Outbox {
     segs: VecDeque<Segment>,
+    /// Bytes queued and not written yet.
+    queued: usize,
 }
 
 /// Segments handed to one `writev`.
@@ -54,18 +56,23 @@ impl Outbox {
         self.segs.is_empty()
     }
 
+    /// Bytes queued and not written yet.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
     /// Queues a control frame.
     pub fn push_control(&mut self, kind: FrameKind, payload: &[u8]) {
-        self.segs.push_back(Segment::Bytes {
-            buf: control_frame(kind, 0, 0, payload),
-            pos: 0,
-        });
+        let buf = control_frame(kind, 0, 0, payload);
+        self.queued += buf.len();
+        self.segs.push_back(Segment::Bytes { buf, pos: 0 });
     }
 
     /// Queues part `key`'s current model (header and a reference to the arena's version).
     pub fn push_model(&mut self, arena: &mut Arena, key: Key) {
         let (version, round) = arena.start_send(key);
         let len = arena.version_bytes(key, version).len() as u64;
+        self.queued += crate::protocol::HEADER_LEN + len as usize;
         self.segs.push_back(Segment::Bytes {
             buf: Header::new(FrameKind::Model, key, round, len)
                 .encode()
@@ -92,6 +99,7 @@ impl Outbox {
             match w.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut written) => {
+                    self.queued -= written;
                     while written > 0 {
                         let seg = self.segs.front_mut().expect("wrote from it");
                         let left = seg.remaining(arena).len();
@@ -131,6 +139,7 @@ impl Outbox {
 
     /// Drops everything queued (the connection is closing): its sends stop reading the arena.
     pub fn abandon(&mut self, arena: &mut Arena) {
+        self.queued = 0;
         for seg in self.segs.drain(..) {
             if let Segment::Model { key, version, .. } = seg {
                 arena.end_send(key, version);

@@ -7,12 +7,21 @@
 //! payload is read straight into the worker's slot of the [`Arena`]; a model goes out by `writev`
 //! from the arena ([`Outbox`]). A slow peer costs at most its own queue, never time for the
 //! others; a broken or malformed peer is dropped alone.
+//!
+//! Everything a peer can make the server hold is bounded before it is allocated: connections
+//! that have not joined ([`Limits`], oldest dropped first, a handshake deadline; `accept.rs`),
+//! frames (a push is exactly its part, control frames are small; [`crate::protocol`]), and each
+//! peer's output (at most twice the model queued, and a write deadline).
 
-use std::io::{self, Read, Write};
+mod accept;
+mod shutdown;
+
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
+use super::admission::{Admission, Limits};
 use super::connection::{Connection, Frame, Target};
 use super::handshake;
 use super::outbox::Outbox;
@@ -20,11 +29,12 @@ use super::reactor::{Reactor, Ready, LISTENER, WATCH};
 use super::socket::{listen, read_nonblocking};
 use crate::protocol::{FrameKind, Hello, ProtocolError, PushClock, Welcome};
 use crate::{Arena, Event, Key, LeaveReason, PeerError, Rank, TransportError, Version};
+use accept::SWEEP;
 
 /// Reads per readiness event before moving on to other peers (level-triggered: the rest waits).
 const READS_PER_WAKEUP: usize = 16;
-/// Connections allowed beyond one per worker (handshakes in flight, reconnects).
-const SPARE_CONNECTIONS: usize = 64;
+/// How long a peer's queued output may make no progress before it is dropped, by default.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the server end needs to know about the job.
 #[derive(Debug, Clone)]
@@ -35,6 +45,23 @@ pub struct ListenConfig {
     pub workers: usize,
     /// What the clock of a push means on this job (told to every worker in the welcome).
     pub push_clock: PushClock,
+    /// Connections that have not joined: how many, from one address, for how long.
+    pub limits: Limits,
+    /// How long a peer's queued output may make no progress before it is dropped.
+    pub write_timeout: Duration,
+}
+
+impl ListenConfig {
+    /// A job of `workers` workers on `listen`, with the default limits.
+    pub fn new(listen: SocketAddr, workers: usize, push_clock: PushClock) -> Self {
+        Self {
+            listen,
+            workers,
+            push_clock,
+            limits: Limits::for_workers(workers),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -49,6 +76,8 @@ struct Peer {
     want_write: bool,
     /// The hello announced an RDMA offer: the join is reported once the offer is answered.
     join_pending: bool,
+    /// Since when queued output has made no progress, if it has not all gone out.
+    stalled_since: Option<Instant>,
 }
 
 impl Peer {
@@ -98,6 +127,19 @@ pub struct ServerEnd {
     /// The watched fd became readable.
     watch_ready: bool,
     ready: Vec<Ready>,
+    /// Connections that have not joined yet.
+    admission: Admission,
+    /// Peers with `stalled_since` set.
+    stalled: usize,
+    /// When peers are next checked against `write_timeout`.
+    next_sweep: Instant,
+    write_timeout: Duration,
+    /// Accepting is paused until then (after running out of file descriptors).
+    accept_paused: Option<Instant>,
+    /// The next pause's length.
+    backoff: Duration,
+    /// Most bytes a peer may have queued (twice the model and some), set on first use.
+    max_queued: Option<usize>,
 }
 
 impl ServerEnd {
@@ -126,6 +168,13 @@ impl ServerEnd {
             abandoned: Vec::new(),
             watch_ready: false,
             ready: Vec::new(),
+            admission: Admission::new(cfg.limits),
+            stalled: 0,
+            next_sweep: Instant::now() + SWEEP,
+            write_timeout: cfg.write_timeout,
+            accept_paused: None,
+            backoff: Duration::from_millis(50),
+            max_queued: None,
         })
     }
 
@@ -182,16 +231,19 @@ impl ServerEnd {
         deadline: Option<Instant>,
     ) -> Result<(), TransportError> {
         let deadline = if self.pending.is_empty() {
-            deadline
+            [deadline, self.next_deadline()].into_iter().flatten().min()
         } else {
             Some(Instant::now())
         };
         let mut ready = std::mem::take(&mut self.ready);
         ready.clear();
         self.reactor.wait(deadline, &mut ready)?;
+        let now = Instant::now();
+        self.resume_accepting(arena, now);
+        self.enforce_deadlines(arena, now);
         for r in &ready {
             match r.token {
-                LISTENER => self.accept_all(),
+                LISTENER => self.accept_all(arena),
                 WATCH => self.watch_ready = true,
                 token => {
                     let idx = (token & 0xffff_ffff) as usize;
@@ -218,9 +270,24 @@ impl ServerEnd {
     /// Queues part `key`'s current model for worker `rank` (see [`crate::Transport::send_model`]).
     pub fn send_model(&mut self, arena: &mut Arena, rank: Rank, key: Key) {
         let Some(idx) = self.index(rank) else { return };
+        let max = *self.max_queued.get_or_insert_with(|| {
+            let floats: usize = arena.parts().dims().iter().sum();
+            2 * 4 * floats + (1 << 20)
+        });
         let p = self.peers[idx].as_mut().expect("live peer");
         p.out.push_model(arena, key);
         self.flush(arena, idx);
+        let Some(p) = self.peers[idx].as_ref() else {
+            return;
+        };
+        if p.out.queued() > max {
+            let why = format!(
+                "more than {} MiB of models queued for it: it pushes but does not read its replies",
+                max >> 20
+            );
+            let e = p.io_err("write", io::Error::new(io::ErrorKind::OutOfMemory, why));
+            self.fail(arena, idx, e);
+        }
     }
 
     /// Sends worker `rank` a control frame. A peer that is gone is ignored.
@@ -243,6 +310,7 @@ impl ServerEnd {
         let Some(idx) = self.index(rank) else { return };
         let p = self.peers[idx].as_mut().expect("live peer");
         if std::mem::take(&mut p.join_pending) {
+            self.admission.remove(idx);
             self.pending.push(Event::Joined { rank });
         }
     }
@@ -265,67 +333,6 @@ impl ServerEnd {
 
     fn index(&self, rank: Rank) -> Option<usize> {
         self.by_rank.get(rank as usize).copied().flatten()
-    }
-
-    fn accept_all(&mut self) {
-        loop {
-            let (stream, addr) = match self.listener.accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // ECONNABORTED, EMFILE...: that one connection is lost; keep serving.
-                Err(e) => {
-                    self.pending.push(Event::Refused {
-                        peer: "(unknown)".into(),
-                        reason: format!("accept failed: {e}"),
-                    });
-                    return;
-                }
-            };
-            let peer = addr.to_string();
-            let live = self.peers.len() - self.free.len();
-            if live >= self.workers + SPARE_CONNECTIONS {
-                self.pending.push(Event::Refused {
-                    peer,
-                    reason: format!("too many connections ({live})"),
-                });
-                continue;
-            }
-            if let Err(e) = stream
-                .set_nonblocking(true)
-                .and_then(|_| stream.set_nodelay(true))
-            {
-                self.pending.push(Event::Refused {
-                    peer,
-                    reason: format!("socket setup failed: {e}"),
-                });
-                continue;
-            }
-            let idx = self.free.pop().unwrap_or_else(|| {
-                self.peers.push(None);
-                self.peers.len() - 1
-            });
-            self.next_gen += 1;
-            let token = (self.next_gen << 32) | idx as u64;
-            if let Err(e) = self.reactor.add(stream.as_fd(), token, false) {
-                self.free.push(idx);
-                self.pending.push(Event::Refused {
-                    peer,
-                    reason: format!("epoll_ctl(ADD) failed: {e}"),
-                });
-                continue;
-            }
-            self.peers[idx] = Some(Peer {
-                stream,
-                token,
-                addr: peer,
-                rank: None,
-                conn: Connection::new(),
-                out: Outbox::default(),
-                want_write: false,
-                join_pending: false,
-            });
-        }
     }
 
     /// Reads one chunk from peer `idx`: into the connection's own buffer, or straight into the
@@ -397,6 +404,7 @@ impl ServerEnd {
                 self.flush(arena, idx);
                 // A peer the welcome could not be written to is gone already (and reported).
                 if !hello.rdma && self.peers[idx].is_some() {
+                    self.admission.remove(idx);
                     self.pending.push(Event::Joined { rank: hello.rank });
                 }
             }
@@ -433,15 +441,14 @@ impl ServerEnd {
 
     /// Whether a hello describes this job and its rank is free.
     fn admit(&self, hello: &Hello, arena: &Arena) -> Result<(), String> {
-        let holder = self
-            .index(hello.rank)
-            .map(|i| self.peers[i].as_ref().expect("live peer").addr.as_str());
-        handshake::admit(hello, self.workers, arena.parts().dims(), holder)
+        let held = self.index(hello.rank).is_some();
+        handshake::admit(hello, self.workers, arena.parts().dims(), held)
     }
 
     /// Writes what peer `idx` has queued and keeps its interest in writability up to date.
     fn flush(&mut self, arena: &mut Arena, idx: usize) {
         let p = self.peers[idx].as_mut().expect("live peer");
+        let before = p.out.queued();
         let done = match p.out.flush(&mut p.stream, arena) {
             Ok(done) => done,
             Err(e) => {
@@ -449,6 +456,18 @@ impl ServerEnd {
                 return self.fail(arena, idx, e);
             }
         };
+        // The write deadline runs from the last progress while something is left.
+        let was_stalled = p.stalled_since.is_some();
+        if done {
+            p.stalled_since = None;
+        } else if !was_stalled || p.out.queued() < before {
+            p.stalled_since = Some(Instant::now());
+        }
+        match (was_stalled, p.stalled_since.is_some()) {
+            (false, true) => self.stalled += 1,
+            (true, false) => self.stalled -= 1,
+            _ => {}
+        }
         if done == p.want_write {
             if let Err(e) = self.reactor.modify(p.stream.as_fd(), p.token, !done) {
                 let e = p.io_err("epoll_ctl(MOD)", e.into());
@@ -511,6 +530,10 @@ impl ServerEnd {
         self.reactor.delete(&p.stream);
         p.out.abandon(arena);
         self.free.push(idx);
+        self.admission.remove(idx);
+        if p.stalled_since.is_some() {
+            self.stalled -= 1;
+        }
         if let Some(rank) = p.rank {
             arena.reset_worker(rank);
             self.by_rank[rank as usize] = None;
@@ -524,55 +547,5 @@ impl ServerEnd {
                 });
             }
         }
-    }
-
-    /// Says goodbye to every worker and lingers until each has closed its end (so a worker in
-    /// the middle of a push sees the goodbye, not EPIPE), at most `grace`.
-    pub fn shutdown(&mut self, arena: &mut Arena, grace: Duration) {
-        for idx in 0..self.peers.len() {
-            match self.peers[idx].as_mut() {
-                Some(p) if p.rank.is_some() => {
-                    p.out.push_control(FrameKind::Bye, &[]);
-                    self.flush(arena, idx);
-                }
-                Some(_) => self.close(arena, idx, None),
-                None => {}
-            }
-        }
-        let deadline = Instant::now() + grace;
-        let mut scratch = vec![0u8; 256 * 1024];
-        loop {
-            for idx in 0..self.peers.len() {
-                if self.peers[idx].is_none() {
-                    continue;
-                }
-                self.flush(arena, idx);
-                let Some(p) = self.peers[idx].as_mut() else {
-                    continue;
-                };
-                let mut gone = false;
-                while !gone {
-                    match p.stream.read(&mut scratch) {
-                        Ok(0) => gone = true,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => gone = true,
-                    }
-                }
-                if gone {
-                    self.close(arena, idx, None);
-                }
-            }
-            if self.peers.iter().all(Option::is_none) || Instant::now() >= deadline {
-                break;
-            }
-            // Level-triggered: any peer with data or a pending write wakes us up.
-            self.reactor.wait_briefly(50);
-        }
-        for idx in 0..self.peers.len() {
-            self.close(arena, idx, None);
-        }
-        self.pending.clear();
     }
 }
