@@ -80,6 +80,7 @@
 use std::time::Duration;
 
 use hetsync_transport::any::{AnyLink, Choice, RdmaSelect};
+use hetsync_transport::auth::Secret;
 use hetsync_transport::protocol::{Hello, PushClock};
 use hetsync_transport::{Incoming, WorkerLink};
 
@@ -104,6 +105,8 @@ pub struct ConnectOptions {
     pub transport: Choice,
     /// The RDMA device and GID index.
     pub rdma: RdmaSelect,
+    /// The job's shared secret, when the server authenticates workers (`--secret-file`).
+    pub secret: Option<Secret>,
 }
 
 impl ConnectOptions {
@@ -118,6 +121,7 @@ impl ConnectOptions {
             connect_wait: Duration::from_secs(60),
             transport: Choice::Auto,
             rdma: RdmaSelect::default(),
+            secret: None,
         }
     }
 }
@@ -162,6 +166,7 @@ impl Client {
             workers: opts.workers,
             dims: opts.dims.iter().map(|&d| d as u64).collect(),
             rdma: false,
+            auth_nonce: None,
         };
         let (link, how) = AnyLink::connect(
             &opts.server,
@@ -169,6 +174,7 @@ impl Client {
             opts.connect_wait,
             opts.transport,
             &opts.rdma,
+            opts.secret.as_ref(),
         )?;
         let parts = link.parts();
         let awaited = (0..parts.dims().len())

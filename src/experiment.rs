@@ -146,6 +146,7 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
                     connect_wait: Duration::from_secs(10),
                     transport: Choice::Tcp,
                     rdma: RdmaSelect::default(),
+                    secret: None,
                 };
                 let stop = &stop;
                 s.spawn(move || {

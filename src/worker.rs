@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hetsync_transport::any::{Choice, RdmaSelect};
+use hetsync_transport::auth::Secret;
 
 use crate::client::{Client, ConnectOptions, LinkError, Status};
 use crate::Rank;
@@ -43,6 +44,8 @@ pub struct WorkerConfig {
     pub transport: Choice,
     /// The RDMA device and GID index.
     pub rdma: RdmaSelect,
+    /// The job's shared secret, when the server authenticates workers.
+    pub secret: Option<Secret>,
 }
 
 /// What a worker did.
@@ -140,6 +143,7 @@ pub fn connect(cfg: &WorkerConfig) -> Result<Client, LinkError> {
         connect_wait: cfg.connect_wait,
         transport: cfg.transport,
         rdma: cfg.rdma.clone(),
+        secret: cfg.secret.clone(),
     })
 }
 
@@ -221,6 +225,7 @@ mod tests {
             connect_wait: Duration::ZERO,
             transport: Choice::Tcp,
             rdma: RdmaSelect::default(),
+            secret: None,
         };
         let slow = |rank, prob| {
             let mut s = Steps::new(&cfg(rank, prob));

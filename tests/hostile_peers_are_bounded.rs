@@ -69,6 +69,7 @@ fn hello_frame(rank: u32, workers: u32) -> Vec<u8> {
         workers,
         dims: vec![DIM as u64],
         rdma: false,
+        auth_nonce: None,
     };
     control_frame(FrameKind::Hello, 0, 0, &hello.encode())
 }

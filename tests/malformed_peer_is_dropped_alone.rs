@@ -26,6 +26,7 @@ impl Raw {
             workers,
             dims: vec![dim],
             rdma: false,
+            auth_nonce: None,
         };
         raw.send(&control_frame(FrameKind::Hello, 0, 0, &hello.encode()));
         let h = raw.header();

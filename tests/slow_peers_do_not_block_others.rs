@@ -49,6 +49,7 @@ fn dribbling_and_non_reading_peers_do_not_stall_training_or_tear_models() {
         workers: 3,
         dims: vec![DIM as u64],
         rdma: false,
+        auth_nonce: None,
     };
     slow.write_all(&control_frame(FrameKind::Hello, 0, 0, &hello.encode()))
         .unwrap();

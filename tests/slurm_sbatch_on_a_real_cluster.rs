@@ -175,6 +175,16 @@ fn hetsync_sbatch_runs_on_a_real_three_node_slurm() {
     assert!(out.contains("transport: tcp"), "{out}");
     assert!(out.contains("finished: 20 rounds"), "{out}");
     assert!(out.contains("hetsync.sbatch: done"), "{out}");
+    // The job made its own secret, the workers proved they knew it, and it is gone now.
+    assert!(out.contains("workers must know the job's secret"), "{out}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.split("job's secret in ").nth(1))
+        .unwrap_or_else(|| panic!("no per-job secret:\n{out}"));
+    assert!(
+        !std::path::Path::new(secret.trim()).exists(),
+        "{secret} left behind"
+    );
     // Two tensors, the second in three parts: each key reaches its closed form.
     let got = read_model(&model);
     assert_eq!(got.len(), 4000, "both tensors, in key order");

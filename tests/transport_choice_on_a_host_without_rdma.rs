@@ -94,6 +94,7 @@ fn a_tcp_server_declines_an_rdma_offer_before_any_model_goes_out() {
         workers: 1,
         dims: vec![8],
         rdma: true,
+        auth_nonce: None,
     };
     s.write_all(&control_frame(FrameKind::Hello, 0, 0, &hello.encode()))
         .unwrap();

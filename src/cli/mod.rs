@@ -152,6 +152,30 @@ impl TransportArgs {
     }
 }
 
+/// Authentication, shared by the server and the worker.
+#[derive(Debug, Args)]
+struct AuthArgs {
+    /// A file holding the job's shared secret (at least 16 bytes; one final newline is ignored):
+    /// server and worker prove to each other that they know it before a worker is admitted.
+    /// cluster-scripts/hetsync.sbatch makes one per job.
+    #[arg(long, value_name = "FILE", env = "HETSYNC_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    /// Reads the secret, if a file was given, warning when others may read it.
+    fn secret(&self, who: &str) -> Result<Option<hetsync_transport::auth::Secret>, CliError> {
+        let Some(path) = &self.secret_file else {
+            return Ok(None);
+        };
+        let (secret, warning) = hetsync_transport::auth::Secret::from_file(path)?;
+        if let Some(w) = warning {
+            eprintln!("hetsync {who}: warning: {w}");
+        }
+        Ok(Some(secret))
+    }
+}
+
 /// The tensors of the job, shared by the server and the worker.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
@@ -291,6 +315,8 @@ struct ServerArgs {
     #[arg(long, default_value_t = 60_000.0, value_name = "MS", value_parser = positive_ms)]
     write_timeout_ms: f64,
     #[command(flatten)]
+    auth: AuthArgs,
+    #[command(flatten)]
     transport: TransportArgs,
 }
 
@@ -336,6 +362,8 @@ struct WorkerArgs {
     /// Print nothing but errors.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    auth: AuthArgs,
     #[command(flatten)]
     transport: TransportArgs,
 }

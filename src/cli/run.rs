@@ -74,6 +74,7 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         rdma: a.transport.rdma(),
         handshake_timeout: Duration::from_secs_f64(a.handshake_timeout_ms / 1e3),
         write_timeout: Duration::from_secs_f64(a.write_timeout_ms / 1e3),
+        secret: a.auth.secret("server")?,
     })?;
     let mut policy = a.policy.describe(timeout_ms, staleness);
     if timed {
@@ -90,11 +91,16 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         n => format!("{n} tensors, {} floats", dims.iter().sum::<usize>()),
     };
     eprintln!(
-        "hetsync server: listening on {} | {} workers | {tensors} | parts of at most {} KiB | policy {policy} | lr {}",
+        "hetsync server: listening on {} | {} workers | {tensors} | parts of at most {} KiB | policy {policy} | lr {} | {}",
         server.local_addr(),
         a.workers,
         a.partition_kib,
-        a.lr
+        a.lr,
+        if a.auth.secret_file.is_some() {
+            "workers must know the job's secret"
+        } else {
+            "no authentication (see --secret-file)"
+        }
     );
     let report = server.run(&signals::STOP)?;
     let s = &report.stats;
@@ -155,6 +161,7 @@ pub(super) fn worker(a: WorkerArgs) -> Result<(), CliError> {
         connect_wait: Duration::from_secs_f64(a.connect_timeout.max(0.0)),
         transport: a.transport.transport.into(),
         rdma: a.transport.rdma(),
+        secret: a.auth.secret("worker")?,
     };
     let stop = AtomicBool::new(false);
     let client = worker::connect(&cfg)?;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hetsync_transport::any::{Choice, RdmaSelect};
+use hetsync_transport::auth::Secret;
 use hetsync_transport::TransportError;
 use serde::Serialize;
 
@@ -59,6 +60,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long a peer's queued output may make no progress before it is dropped.
     pub write_timeout: Duration,
+    /// The job's shared secret: workers must prove they know it before they are admitted.
+    pub secret: Option<Secret>,
 }
 
 impl ServerConfig {
@@ -86,6 +89,7 @@ impl ServerConfig {
             rdma: RdmaSelect::default(),
             handshake_timeout: Duration::from_secs(10),
             write_timeout: hetsync_transport::channel::DEFAULT_WRITE_TIMEOUT,
+            secret: None,
         }
     }
 }

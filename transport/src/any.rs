@@ -154,13 +154,15 @@ pub enum AnyLink {
 
 impl AnyLink {
     /// Connects, performs the handshake, and upgrades to RDMA as `choice` says; returns the link
-    /// and a line saying which transport it uses and why.
+    /// and a line saying which transport it uses and why. With `secret`, worker and server
+    /// authenticate each other first.
     pub fn connect(
         addr: &str,
         hello: &Hello,
         wait: Duration,
         choice: Choice,
         rdma: &RdmaSelect,
+        secret: Option<&crate::auth::Secret>,
     ) -> Result<(AnyLink, String), LinkError> {
         #[cfg(feature = "rdma")]
         let local = match choice {
@@ -168,7 +170,7 @@ impl AnyLink {
             _ => match crate::rdma::Local::open(&rdma_config(rdma)) {
                 Ok(l) => Some(l),
                 Err(e) if choice == Choice::Auto => {
-                    let tcp = TcpClient::connect(addr, hello, wait)?;
+                    let tcp = TcpClient::connect(addr, hello, wait, secret)?;
                     return Ok((AnyLink::Tcp(tcp), format!("tcp, because {e}")));
                 }
                 Err(e) => return Err(e.into()),
@@ -179,7 +181,7 @@ impl AnyLink {
             rdma: local.is_some(),
             ..hello.clone()
         };
-        let end = WorkerEnd::connect(addr, hello, wait)?;
+        let end = WorkerEnd::connect(addr, hello, wait, secret)?;
         #[cfg(feature = "rdma")]
         if let Some(local) = local {
             let device = local.describe();

@@ -16,6 +16,7 @@
 #![deny(unsafe_code)]
 
 pub mod any;
+pub mod auth;
 pub mod channel;
 pub mod memory;
 pub mod protocol;

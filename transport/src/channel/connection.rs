@@ -30,6 +30,8 @@ pub enum Frame {
     Error(String),
     /// An RDMA offer (its payload, decoded by the RDMA transport).
     RdmaConnect(Vec<u8>),
+    /// The worker's answer to the server's challenge: its proof of knowing the secret.
+    Auth([u8; protocol::PROOF_LEN]),
 }
 
 /// Where the next bytes of a connection go.
@@ -56,6 +58,10 @@ pub struct Connection {
     frame: Option<Header>,
     /// The payload of a control frame.
     ctrl: Vec<u8>,
+    /// The hello arrived (a second one is a violation).
+    hello_seen: bool,
+    /// A challenge went out: the worker's proof is the only acceptable frame.
+    awaiting_auth: bool,
     joined: bool,
 }
 
@@ -67,7 +73,13 @@ impl Connection {
 
     /// The handshake was accepted: tensor frames are acceptable from now on.
     pub fn set_joined(&mut self) {
+        self.awaiting_auth = false;
         self.joined = true;
+    }
+
+    /// A challenge went out: only the worker's proof may come next.
+    pub fn set_awaiting_auth(&mut self) {
+        self.awaiting_auth = true;
     }
 
     /// Where the next bytes go. Never empty.
@@ -94,10 +106,18 @@ impl Connection {
             let h = Header::decode(&self.hdr)?;
             protocol::check_len(&h, self.joined.then_some(parts))?;
             let when = match (self.joined, h.kind) {
+                (_, FrameKind::Welcome | FrameKind::Model | FrameKind::Challenge) => {
+                    Some("from a worker")
+                }
+                (false, FrameKind::Hello) if self.hello_seen => Some("twice"),
                 (false, FrameKind::Hello) => None,
+                (false, FrameKind::Auth) if self.awaiting_auth => None,
+                (false, FrameKind::Auth) => Some("without a challenge"),
+                (false, FrameKind::Error) if self.awaiting_auth => None,
+                (false, _) if self.awaiting_auth => Some("instead of the answer to the challenge"),
                 (false, _) => Some("before the handshake"),
                 (true, FrameKind::Hello) => Some("after the handshake"),
-                (true, FrameKind::Welcome | FrameKind::Model) => Some("from a worker"),
+                (true, FrameKind::Auth) => Some("after the handshake"),
                 (true, _) => None,
             };
             if let Some(when) = when {
@@ -124,7 +144,11 @@ impl Connection {
 
     fn complete(&mut self, h: Header) -> Result<Frame, ProtocolError> {
         Ok(match h.kind {
-            FrameKind::Hello => Frame::Hello(Hello::decode(&std::mem::take(&mut self.ctrl))?),
+            FrameKind::Hello => {
+                self.hello_seen = true;
+                Frame::Hello(Hello::decode(&std::mem::take(&mut self.ctrl))?)
+            }
+            FrameKind::Auth => Frame::Auth(self.ctrl[..].try_into().expect("length checked")),
             FrameKind::Push => Frame::Push {
                 key: h.key,
                 clock: h.clock,
@@ -132,7 +156,9 @@ impl Connection {
             FrameKind::Bye => Frame::Bye,
             FrameKind::Error => Frame::Error(String::from_utf8_lossy(&self.ctrl).into_owned()),
             FrameKind::RdmaConnect => Frame::RdmaConnect(std::mem::take(&mut self.ctrl)),
-            FrameKind::Welcome | FrameKind::Model => unreachable!("refused at the header"),
+            FrameKind::Welcome | FrameKind::Model | FrameKind::Challenge => {
+                unreachable!("refused at the header")
+            }
         })
     }
 
@@ -161,6 +187,7 @@ mod tests {
             workers: 2,
             dims: vec![300, 1],
             rdma: false,
+            auth_nonce: None,
         }
     }
 
@@ -205,6 +232,72 @@ mod tests {
 
     fn push(key: Key, clock: Clock, fill: u8, len: usize) -> Vec<u8> {
         control_frame(FrameKind::Push, key, clock, &vec![fill; len])
+    }
+
+    #[test]
+    fn the_answer_to_a_challenge_is_the_only_frame_between_hello_and_join() {
+        let hs = control_frame(FrameKind::Hello, 0, 0, &hello().encode());
+        let auth = control_frame(FrameKind::Auth, 0, 0, &[9; protocol::PROOF_LEN]);
+        let mut c = Connection::new();
+        let err = feed(&mut c, &auth, &[], &mut slots()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtocolError::Unexpected {
+                    when: "without a challenge",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let mut c = Connection::new();
+        assert_eq!(feed(&mut c, &hs, &[], &mut slots()).unwrap().len(), 1);
+        let again = feed(&mut c, &hs, &[], &mut slots()).unwrap_err();
+        assert!(matches!(
+            again,
+            ProtocolError::Unexpected { when: "twice", .. }
+        ));
+        let mut c = Connection::new();
+        feed(&mut c, &hs, &[], &mut slots()).unwrap();
+        c.set_awaiting_auth();
+        let early = feed(&mut c, &push(0, 0, 1, 1024), &[], &mut slots()).unwrap_err();
+        // A push is refused by its length check already: no tensor frame before joining.
+        assert!(
+            matches!(early, ProtocolError::Unexpected { .. }),
+            "{early:?}"
+        );
+        let mut c = Connection::new();
+        feed(&mut c, &hs, &[], &mut slots()).unwrap();
+        c.set_awaiting_auth();
+        let bye = control_frame(FrameKind::Bye, 0, 0, &[]);
+        let instead = feed(&mut c, &bye, &[], &mut slots()).unwrap_err();
+        assert!(
+            matches!(
+                instead,
+                ProtocolError::Unexpected {
+                    when: "instead of the answer to the challenge",
+                    ..
+                }
+            ),
+            "{instead:?}"
+        );
+        let mut c = Connection::new();
+        feed(&mut c, &hs, &[], &mut slots()).unwrap();
+        c.set_awaiting_auth();
+        for cut in 1..auth.len() {
+            let mut d = Connection::new();
+            feed(&mut d, &hs, &[], &mut slots()).unwrap();
+            d.set_awaiting_auth();
+            assert_eq!(
+                feed(&mut d, &auth, &[cut], &mut slots()).unwrap(),
+                vec![Frame::Auth([9; protocol::PROOF_LEN])]
+            );
+        }
+        let wrong = control_frame(FrameKind::Auth, 0, 0, &[9; 31]);
+        assert!(
+            feed(&mut c, &wrong, &[], &mut slots()).is_err(),
+            "a proof of the wrong size"
+        );
     }
 
     #[test]

@@ -57,6 +57,7 @@ mod tests {
             workers,
             dims: dims.to_vec(),
             rdma: false,
+            auth_nonce: None,
         }
     }
 

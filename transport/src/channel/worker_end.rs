@@ -6,10 +6,12 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
+use crate::auth::Secret;
 use crate::protocol::{
     self, control_frame, FrameKind, Header, Hello, Parts, ProtocolError, PushClock, Welcome,
     HEADER_LEN,
 };
+use crate::protocol::{CHALLENGE_LEN, NONCE_LEN};
 use crate::{Incoming, LinkError, PeerError};
 
 /// A worker's connection to the server, past the handshake.
@@ -23,11 +25,17 @@ pub struct WorkerEnd {
 
 impl WorkerEnd {
     /// Connects to `addr` and performs the handshake described by `hello`; the server's welcome
-    /// says how the tensors are cut into parts.
+    /// says how the tensors are cut into parts. With `secret`, worker and server first prove to
+    /// each other that they know it ([`crate::auth`]).
     ///
     /// Retries refused or unreachable connections until `wait` has passed, so workers may start
     /// before the server (as they do under Slurm). A refusal by the server is final.
-    pub fn connect(addr: &str, hello: &Hello, wait: Duration) -> Result<Self, LinkError> {
+    pub fn connect(
+        addr: &str,
+        hello: &Hello,
+        wait: Duration,
+        secret: Option<&Secret>,
+    ) -> Result<Self, LinkError> {
         let deadline = Instant::now() + wait;
         let stream = loop {
             let attempt = addr
@@ -77,12 +85,42 @@ impl WorkerEnd {
             })?,
             push_clock: PushClock::default(),
         };
+        let mut hello = hello.clone();
+        if secret.is_some() {
+            let n = crate::auth::nonce().map_err(|e| end.io_err("draw a nonce", e))?;
+            hello.auth_nonce = Some(n);
+        }
+        let payload = hello.encode();
         end.write_all(
-            &control_frame(FrameKind::Hello, 0, 0, &hello.encode()),
+            &control_frame(FrameKind::Hello, 0, 0, &payload),
             "write hello",
         )?;
-        let h = end.read_header("waiting for the handshake reply", false)?;
+        let mut h = end.read_header("waiting for the handshake reply", false)?;
+        let challenged = h.kind == FrameKind::Challenge;
+        if let (true, Some(secret), Some(ours)) = (challenged, secret, hello.auth_nonce) {
+            let mut b = [0u8; CHALLENGE_LEN];
+            end.read_payload(&mut b, "read the challenge")?;
+            let theirs: [u8; NONCE_LEN] = b[..NONCE_LEN].try_into().expect("NONCE_LEN bytes");
+            if !secret.verify_server(&ours, &theirs, &payload, &b[NONCE_LEN..]) {
+                let why = "authentication failed: the server's proof does not match this worker's secret (server and worker must use the same --secret-file, and this must be the job's server)";
+                let _ = end.write_all(
+                    &control_frame(FrameKind::Error, 0, 0, why.as_bytes()),
+                    "write error",
+                );
+                return Err(LinkError::Refused {
+                    peer: end.peer.clone(),
+                    reason: why.into(),
+                });
+            }
+            let proof = secret.worker_proof(&theirs, &ours, &payload);
+            end.write_all(&control_frame(FrameKind::Auth, 0, 0, &proof), "write auth")?;
+            h = end.read_header("waiting for the handshake reply", false)?;
+        }
         match h.kind {
+            FrameKind::Welcome if secret.is_some() && !challenged => Err(LinkError::Refused {
+                peer: end.peer.clone(),
+                reason: "the server welcomed this worker without proving it knows the job's secret: it is not this job's server".into(),
+            }),
             FrameKind::Welcome => {
                 let mut b = [0u8; Welcome::LEN];
                 end.read_payload(&mut b, "read the welcome")?;

@@ -6,6 +6,12 @@ use crate::protocol::parts::{MAX_PART_BYTES, MIN_PART_BYTES};
 
 /// Most tensors a job may declare.
 pub const MAX_TENSORS: usize = 65_536;
+/// Bytes of an authentication nonce (in a hello and a challenge).
+pub const NONCE_LEN: usize = 32;
+/// Bytes of an authentication proof (an HMAC-SHA256 tag, in a challenge and an auth frame).
+pub const PROOF_LEN: usize = 32;
+/// Payload length of a challenge: the server's nonce and its proof.
+pub const CHALLENGE_LEN: usize = NONCE_LEN + PROOF_LEN;
 
 /// The handshake a worker opens with: who it is and the job it expects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,14 +27,19 @@ pub struct Hello {
     /// the server reports the worker as joined only once it has answered it, so no model goes out
     /// before the transport is settled.
     pub rdma: bool,
+    /// The worker's nonce when it authenticates with a shared secret (the server answers with a
+    /// [`FrameKind::Challenge`](super::FrameKind::Challenge)); `None` when it does not.
+    pub auth_nonce: Option<[u8; NONCE_LEN]>,
 }
 
 /// Hello flag bit: an RDMA offer follows.
 const HELLO_RDMA: u32 = 1;
+/// Hello flag bit: the worker authenticates; its nonce follows the flags.
+const HELLO_AUTH: u32 = 2;
 
 impl Hello {
-    /// The largest hello payload: one with [`MAX_TENSORS`] tensors.
-    pub const MAX_LEN: usize = 16 + 8 * MAX_TENSORS;
+    /// The largest hello payload: one with [`MAX_TENSORS`] tensors and a nonce.
+    pub const MAX_LEN: usize = 16 + 8 * MAX_TENSORS + NONCE_LEN;
 
     /// Encodes the hello payload (without the header).
     pub fn encode(&self) -> Vec<u8> {
@@ -39,8 +50,14 @@ impl Hello {
         for d in &self.dims {
             v.extend_from_slice(&d.to_le_bytes());
         }
-        let flags = if self.rdma { HELLO_RDMA } else { 0 };
+        let mut flags = if self.rdma { HELLO_RDMA } else { 0 };
+        if self.auth_nonce.is_some() {
+            flags |= HELLO_AUTH;
+        }
         v.extend_from_slice(&flags.to_le_bytes());
+        if let Some(n) = &self.auth_nonce {
+            v.extend_from_slice(n);
+        }
         v
     }
 
@@ -61,20 +78,30 @@ impl Hello {
                 "{n} tensors declared (must be 1..={MAX_TENSORS})"
             )));
         }
-        let need = 12 + 8 * n + 4;
+        let at_flags = 12 + 8 * n;
+        if b.len() < at_flags + 4 {
+            return Err(truncated(at_flags + 4));
+        }
+        let flags = u32_at(b, at_flags);
+        if flags & !(HELLO_RDMA | HELLO_AUTH) != 0 {
+            return Err(ProtocolError::BadHello(format!(
+                "unknown hello flags {flags:#x}"
+            )));
+        }
+        let need = at_flags
+            + 4
+            + if flags & HELLO_AUTH != 0 {
+                NONCE_LEN
+            } else {
+                0
+            };
         if b.len() < need {
             return Err(truncated(need));
         }
         if b.len() > need {
             return Err(ProtocolError::BadHello(format!(
-                "{} trailing bytes after {n} tensor sizes and the flags",
+                "{} trailing bytes after {n} tensor sizes, the flags and the nonce",
                 b.len() - need
-            )));
-        }
-        let flags = u32_at(b, need - 4);
-        if flags & !HELLO_RDMA != 0 {
-            return Err(ProtocolError::BadHello(format!(
-                "unknown hello flags {flags:#x}"
             )));
         }
         let dims: Vec<u64> = (0..n).map(|k| u64_at(b, 12 + 8 * k)).collect();
@@ -91,6 +118,8 @@ impl Hello {
             workers,
             dims,
             rdma: flags & HELLO_RDMA != 0,
+            auth_nonce: (flags & HELLO_AUTH != 0)
+                .then(|| b[at_flags + 4..need].try_into().expect("NONCE_LEN bytes")),
         })
     }
 }

@@ -26,7 +26,7 @@ mod hello;
 mod parts;
 pub mod rdma;
 
-pub use hello::{Hello, PushClock, Welcome, MAX_TENSORS};
+pub use hello::{Hello, PushClock, Welcome, CHALLENGE_LEN, MAX_TENSORS, NONCE_LEN, PROOF_LEN};
 pub use parts::{Part, Parts, MAX_PARTS, MAX_PART_BYTES, MIN_PART_BYTES};
 pub use rdma::RdmaParams;
 
@@ -70,6 +70,11 @@ pub enum FrameKind {
     /// here: carry on over TCP"; from the worker, an empty payload after the server's answer means
     /// "my queue pair is connected and my receives are posted": only then has it joined.
     RdmaConnect = 7,
+    /// Server -> worker, after a hello that asks to authenticate: the server's nonce and its
+    /// proof of knowing the shared secret (see `auth`).
+    Challenge = 8,
+    /// Worker -> server, after a challenge: the worker's proof of knowing the shared secret.
+    Auth = 9,
 }
 
 impl FrameKind {
@@ -82,6 +87,8 @@ impl FrameKind {
             5 => Self::Bye,
             6 => Self::Error,
             7 => Self::RdmaConnect,
+            8 => Self::Challenge,
+            9 => Self::Auth,
             _ => return None,
         })
     }
@@ -256,13 +263,18 @@ pub fn check_len(h: &Header, parts: Option<&Parts>) -> Result<(), ProtocolError>
             return Ok(());
         }
         FrameKind::Bye => 0,
-        FrameKind::Welcome => {
-            if h.len != Welcome::LEN as u64 {
+        FrameKind::Welcome | FrameKind::Challenge | FrameKind::Auth => {
+            let expected = match h.kind {
+                FrameKind::Welcome => Welcome::LEN,
+                FrameKind::Challenge => CHALLENGE_LEN,
+                _ => PROOF_LEN,
+            } as u64;
+            if h.len != expected {
                 return Err(ProtocolError::WrongSize {
                     kind: h.kind,
                     key: h.key,
                     len: h.len,
-                    expected: Welcome::LEN as u64,
+                    expected,
                 });
             }
             return Ok(());

@@ -42,7 +42,7 @@ fn rejects_other_versions() {
 
 #[test]
 fn rejects_unknown_kinds() {
-    for k in [0u8, 8, 200, 255] {
+    for k in [0u8, 10, 200, 255] {
         let mut b = Header::new(FrameKind::Push, 0, 0, 32).encode();
         b[6] = k;
         assert_eq!(Header::decode(&b), Err(ProtocolError::UnknownKind(k)));
@@ -131,6 +131,7 @@ fn hello_round_trips() {
         workers: 4,
         dims: vec![1 << 20, 5],
         rdma: true,
+        auth_nonce: None,
     };
     assert_eq!(Hello::decode(&h.encode()), Ok(h));
 }
@@ -142,6 +143,7 @@ fn hello_rejects_every_truncation_and_trailing_bytes() {
         workers: 2,
         dims: vec![10, 20],
         rdma: false,
+        auth_nonce: None,
     }
     .encode();
     for n in 0..b.len() {
@@ -165,6 +167,7 @@ fn hello_may_leave_the_job_size_to_the_server() {
         workers: 0,
         dims: vec![1],
         rdma: false,
+        auth_nonce: None,
     };
     assert_eq!(Hello::decode(&h.encode()), Ok(h));
 }
@@ -176,6 +179,7 @@ fn hello_rejects_impossible_jobs() {
         workers,
         dims,
         rdma: false,
+        auth_nonce: None,
     };
     for h in [
         hello(4, 4, vec![1]),
@@ -194,11 +198,20 @@ fn hello_rejects_impossible_jobs() {
         Hello::decode(&many),
         Err(ProtocolError::BadHello(_))
     ));
-    // The largest hello fits its bound exactly.
-    assert_eq!(
-        hello(0, 1, vec![1; MAX_TENSORS]).encode().len(),
-        Hello::MAX_LEN
-    );
+    // The largest hello (with a nonce) fits its bound exactly, and round-trips.
+    let largest = Hello {
+        auth_nonce: Some([7; NONCE_LEN]),
+        ..hello(0, 1, vec![1; MAX_TENSORS])
+    };
+    assert_eq!(largest.encode().len(), Hello::MAX_LEN);
+    assert_eq!(Hello::decode(&largest.encode()), Ok(largest.clone()));
+    // A nonce announced but cut short, or one not announced but present, is refused.
+    let mut short = largest.encode();
+    short.pop();
+    assert!(Hello::decode(&short).is_err());
+    let mut extra = hello(0, 1, vec![1]).encode();
+    extra.extend_from_slice(&[7; NONCE_LEN]);
+    assert!(Hello::decode(&extra).is_err());
 }
 
 #[test]

@@ -19,8 +19,13 @@ pub struct TcpClient {
 impl TcpClient {
     /// Connects to `addr` and performs the handshake described by `hello` (see
     /// [`WorkerEnd::connect`]).
-    pub fn connect(addr: &str, hello: &Hello, wait: Duration) -> Result<Self, LinkError> {
-        Ok(Self::over(WorkerEnd::connect(addr, hello, wait)?))
+    pub fn connect(
+        addr: &str,
+        hello: &Hello,
+        wait: Duration,
+        secret: Option<&crate::auth::Secret>,
+    ) -> Result<Self, LinkError> {
+        Ok(Self::over(WorkerEnd::connect(addr, hello, wait, secret)?))
     }
 
     /// A TCP link over an established channel.

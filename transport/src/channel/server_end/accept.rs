@@ -85,6 +85,7 @@ impl ServerEnd {
                 want_write: false,
                 join_pending: false,
                 stalled_since: None,
+                challenged: None,
             });
             let evicted = self.admission.accepted(idx, addr.ip(), Instant::now());
             for (victim, why) in evicted {

@@ -14,20 +14,22 @@
 //! peer's output (at most twice the model queued, and a write deadline).
 
 mod accept;
+mod join;
 mod shutdown;
 
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::admission::{Admission, Limits};
 use super::connection::{Connection, Frame, Target};
-use super::handshake;
 use super::outbox::Outbox;
 use super::reactor::{Reactor, Ready, LISTENER, WATCH};
 use super::socket::{listen, read_nonblocking};
-use crate::protocol::{FrameKind, Hello, ProtocolError, PushClock, Welcome};
+use crate::auth::Secret;
+use crate::protocol::{FrameKind, ProtocolError, PushClock};
 use crate::{Arena, Event, Key, LeaveReason, PeerError, Rank, TransportError, Version};
 use accept::SWEEP;
 
@@ -49,6 +51,9 @@ pub struct ListenConfig {
     pub limits: Limits,
     /// How long a peer's queued output may make no progress before it is dropped.
     pub write_timeout: Duration,
+    /// The job's shared secret: when set, a worker must prove it knows it before it is
+    /// admitted (see [`crate::auth`]).
+    pub secret: Option<Arc<Secret>>,
 }
 
 impl ListenConfig {
@@ -60,6 +65,7 @@ impl ListenConfig {
             push_clock,
             limits: Limits::for_workers(workers),
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            secret: None,
         }
     }
 }
@@ -78,6 +84,8 @@ struct Peer {
     join_pending: bool,
     /// Since when queued output has made no progress, if it has not all gone out.
     stalled_since: Option<Instant>,
+    /// A hello waiting for the answer to the server's challenge.
+    challenged: Option<Box<join::Challenged>>,
 }
 
 impl Peer {
@@ -140,6 +148,7 @@ pub struct ServerEnd {
     backoff: Duration,
     /// Most bytes a peer may have queued (twice the model and some), set on first use.
     max_queued: Option<usize>,
+    secret: Option<Arc<Secret>>,
 }
 
 impl ServerEnd {
@@ -175,6 +184,7 @@ impl ServerEnd {
             accept_paused: None,
             backoff: Duration::from_millis(50),
             max_queued: None,
+            secret: cfg.secret.clone(),
         })
     }
 
@@ -387,27 +397,8 @@ impl ServerEnd {
     fn on_frame(&mut self, arena: &mut Arena, idx: usize, frame: Frame) {
         let p = self.peers[idx].as_mut().expect("live peer");
         match frame {
-            Frame::Hello(hello) => {
-                if let Err(why) = self.admit(&hello, arena) {
-                    return self.refuse(arena, idx, &why);
-                }
-                let p = self.peers[idx].as_mut().expect("live peer");
-                p.rank = Some(hello.rank);
-                p.conn.set_joined();
-                p.join_pending = hello.rdma;
-                self.by_rank[hello.rank as usize] = Some(idx);
-                let welcome = Welcome {
-                    part_bytes: arena.parts().part_bytes() as u64,
-                    push_clock: self.push_clock,
-                };
-                p.out.push_control(FrameKind::Welcome, &welcome.encode());
-                self.flush(arena, idx);
-                // A peer the welcome could not be written to is gone already (and reported).
-                if !hello.rdma && self.peers[idx].is_some() {
-                    self.admission.remove(idx);
-                    self.pending.push(Event::Joined { rank: hello.rank });
-                }
-            }
+            Frame::Hello(hello) => self.on_hello(arena, idx, hello),
+            Frame::Auth(proof) => self.on_auth(arena, idx, &proof),
             Frame::Push { key, clock } => {
                 let rank = p.rank.expect("pushes only after the handshake");
                 // The payload was only read into the slot while it was lent (read_step), so the
@@ -437,12 +428,6 @@ impl ServerEnd {
                 self.offers.push((rank, payload));
             }
         }
-    }
-
-    /// Whether a hello describes this job and its rank is free.
-    fn admit(&self, hello: &Hello, arena: &Arena) -> Result<(), String> {
-        let held = self.index(hello.rank).is_some();
-        handshake::admit(hello, self.workers, arena.parts().dims(), held)
     }
 
     /// Writes what peer `idx` has queued and keeps its interest in writability up to date.
