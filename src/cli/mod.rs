@@ -306,6 +306,14 @@ struct ServerArgs {
     /// (numpy.fromfile(FILE, "<f4")), through a temporary file renamed over FILE.
     #[arg(long, value_name = "FILE")]
     save_model: Option<PathBuf>,
+    /// Start training this long after the first worker joined, with the workers present (the
+    /// others join when they come). Default: wait for all --workers.
+    #[arg(long, value_name = "MS", value_parser = positive_ms)]
+    start_after_ms: Option<f64>,
+    /// Drop a worker that everyone has waited this long for (a dead or hung worker under naive
+    /// or bsp), so the others go on; it may reconnect and rejoin. Default: never.
+    #[arg(long, value_name = "MS", value_parser = positive_ms)]
+    evict_after_ms: Option<f64>,
     /// How long a connection may take from connecting to joining (its hello, and over RDMA its
     /// offer) before it is dropped.
     #[arg(long, default_value_t = 10_000.0, value_name = "MS", value_parser = positive_ms)]

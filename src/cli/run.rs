@@ -75,6 +75,8 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         handshake_timeout: Duration::from_secs_f64(a.handshake_timeout_ms / 1e3),
         write_timeout: Duration::from_secs_f64(a.write_timeout_ms / 1e3),
         secret: a.auth.secret("server")?,
+        start_after: a.start_after_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
+        evict_after: a.evict_after_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
     })?;
     let mut policy = a.policy.describe(timeout_ms, staleness);
     if timed {
@@ -115,18 +117,19 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
     let secs = report.elapsed.as_secs_f64();
     if mode.is_clocked() {
         eprintln!(
-            "hetsync server: finished: slowest clock {} in {secs:.2} s | gradients applied {} ({:.1}/s) | dropped {} | joins {} departures {} refused {}",
+            "hetsync server: finished: slowest clock {} in {secs:.2} s | gradients applied {} ({:.1}/s) | dropped {} | joins {} departures {} evicted {} refused {}",
             s.rounds,
             s.pushes_applied,
             report.pushes_applied_per_sec(),
             s.dropped,
             s.joins,
             s.departures,
+            s.evicted,
             s.refused,
         );
     } else {
         eprintln!(
-            "hetsync server: finished: {} rounds in {secs:.2} s ({:.1} rounds/s) | mean participants {:.2}/{} | rounds closed by timeout {} | stragglers left behind {} | gradients on time {} folded {} dropped {} | joins {} departures {} refused {}",
+            "hetsync server: finished: {} rounds in {secs:.2} s ({:.1} rounds/s) | mean participants {:.2}/{} | rounds closed by timeout {} | stragglers left behind {} | gradients on time {} folded {} dropped {} | joins {} departures {} evicted {} refused {}",
             s.rounds,
             report.rounds_per_sec(),
             report.mean_participants(),
@@ -138,6 +141,7 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
             s.dropped,
             s.joins,
             s.departures,
+            s.evicted,
             s.refused,
         );
     }

@@ -62,6 +62,11 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// The job's shared secret: workers must prove they know it before they are admitted.
     pub secret: Option<Secret>,
+    /// Start training this long after the first worker joined, with the workers present
+    /// (`None`: wait for all).
+    pub start_after: Option<Duration>,
+    /// Drop a worker that everyone has waited for this long (`None`: never).
+    pub evict_after: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -90,6 +95,8 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: hetsync_transport::channel::DEFAULT_WRITE_TIMEOUT,
             secret: None,
+            start_after: None,
+            evict_after: None,
         }
     }
 }
@@ -123,6 +130,8 @@ pub struct ServerStats {
     pub departures: u64,
     /// Connections refused at the handshake.
     pub refused: u64,
+    /// Workers dropped because everyone waited too long for them (`--evict-after-ms`).
+    pub evicted: u64,
 }
 
 /// What a finished run reports.

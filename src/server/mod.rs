@@ -13,6 +13,7 @@
 mod config;
 mod late;
 mod report;
+mod supervise;
 mod tensors;
 mod trace;
 
@@ -53,6 +54,7 @@ pub struct Server<T: Transport> {
     started: Option<Instant>,
     trace: Trace,
     folds: Folds,
+    supervisor: supervise::Supervisor,
 }
 
 /// Checks a configuration and cuts its tensors into parts.
@@ -109,6 +111,7 @@ impl<T: Transport> Server<T> {
             cfg,
             stats: ServerStats::default(),
             started: None,
+            supervisor: supervise::Supervisor::default(),
             trace,
         })
     }
@@ -133,6 +136,9 @@ impl<T: Transport> Server<T> {
             }
             while check <= now {
                 check += STOP_CHECK;
+                if check > now {
+                    self.supervise(now)?;
+                }
             }
             let mut deadline = check;
             if let Some(t) = self.tensors.next_deadline() {
@@ -196,6 +202,7 @@ impl<T: Transport> Server<T> {
         match ev {
             Event::Joined { rank } => {
                 self.stats.joins += 1;
+                self.supervisor.first_join.get_or_insert(now);
                 for key in 0..self.tensors.len() as Key {
                     self.tensors.policy(key).on_join(rank, now);
                     self.drive(key, now)?;

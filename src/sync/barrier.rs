@@ -41,6 +41,8 @@ pub struct Barrier {
     n_arrived: usize,
     /// When the current round closes unless everyone arrives first.
     deadline: Option<Instant>,
+    /// When the current round got its first push.
+    opened: Option<Instant>,
     /// The learnt timeout, in `Adaptive` mode.
     adaptive: Option<AdaptiveTimeout>,
     actions: VecDeque<Action>,
@@ -57,6 +59,7 @@ impl Barrier {
             arrived: vec![false; workers],
             n_arrived: 0,
             deadline: None,
+            opened: None,
             adaptive: match mode {
                 BarrierMode::Adaptive(cap) => Some(AdaptiveTimeout::new(cap, workers)),
                 _ => None,
@@ -109,6 +112,7 @@ impl Barrier {
         self.arrived.iter_mut().for_each(|a| *a = false);
         self.n_arrived = 0;
         self.deadline = None;
+        self.opened = None;
         for rank in participants {
             self.serve(rank);
         }
@@ -134,6 +138,29 @@ impl Policy for Barrier {
     /// Workers currently in the job.
     fn members(&self) -> usize {
         self.member.iter().filter(|&&m| m).count()
+    }
+
+    /// Starts rounds with the workers present.
+    fn start(&mut self, _now: Instant) {
+        if self.started || !self.member.contains(&true) {
+            return;
+        }
+        self.started = true;
+        for w in 0..self.member.len() {
+            if self.member[w] {
+                self.serve(w as Rank);
+            }
+        }
+    }
+
+    /// Members that have not pushed in a round that others have, since its first push.
+    fn awaited(&self) -> Option<(Instant, Vec<Rank>)> {
+        let since = self.opened?;
+        let who: Vec<Rank> = (0..self.member.len())
+            .filter(|&w| self.member[w] && !self.arrived[w])
+            .map(|w| w as Rank)
+            .collect();
+        (!who.is_empty()).then_some((since, who))
     }
 
     /// Worker `rank` joined. Until every worker has joined once, nobody gets the model; after
@@ -164,6 +191,7 @@ impl Policy for Barrier {
             self.n_arrived -= 1;
             if self.n_arrived == 0 {
                 self.deadline = None;
+                self.opened = None;
             }
         }
         self.maybe_close(now);
@@ -212,6 +240,7 @@ impl Policy for Barrier {
         }
         self.arrived[r] = true;
         self.n_arrived += 1;
+        self.opened.get_or_insert(now);
         if self.deadline.is_none() {
             match (self.mode, self.adaptive.as_mut()) {
                 (BarrierMode::Timeout(t), _) => self.deadline = Some(now + t),

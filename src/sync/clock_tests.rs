@@ -467,3 +467,22 @@ fn a_departure_releases_held_reads_and_a_rejoin_starts_at_the_slowest_clock() {
     p.on_push(2, 0, t(11)).unwrap();
     assert_eq!(actions(&mut p), vec![Action::Apply { rank: 2, clock: 3 }]);
 }
+
+#[test]
+fn start_serves_those_present_and_awaited_names_the_slowest_while_reads_are_held() {
+    let mut p = VectorClock::new(Some(0), 3);
+    p.on_join(0, t(0));
+    p.on_join(1, t(0));
+    p.start(t(1));
+    assert_eq!(actions(&mut p), vec![serve(0, 0, 0), serve(1, 0, 0)]);
+    p.on_push(0, 0, t(2)).unwrap();
+    let _ = actions(&mut p);
+    assert_eq!(p.awaited(), Some((t(2), vec![1])));
+    p.on_join(2, t(3));
+    assert_eq!(actions(&mut p), vec![serve(2, 0, 0)]);
+    assert_eq!(p.awaited(), Some((t(2), vec![1, 2])));
+    p.on_push(1, 0, t(4)).unwrap();
+    p.on_push(2, 0, t(5)).unwrap();
+    let _ = actions(&mut p);
+    assert_eq!(p.awaited(), None, "no read is held");
+}

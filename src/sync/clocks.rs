@@ -40,6 +40,8 @@ pub struct VectorClock {
     base: Vec<Clock>,
     /// Per worker, whether its read at `clock` is held back.
     waiting: Vec<bool>,
+    /// Per worker, since when its read is held (after a push).
+    held_since: Vec<Option<Instant>>,
     /// The slowest member's clock (the last known one when nobody is in the job).
     min: Clock,
     applied: Clock,
@@ -57,6 +59,7 @@ impl VectorClock {
             clock: vec![0; workers],
             base: vec![0; workers],
             waiting: vec![false; workers],
+            held_since: vec![None; workers],
             min: 0,
             applied: 0,
             actions: VecDeque::new(),
@@ -88,6 +91,7 @@ impl VectorClock {
         for w in 0..self.waiting.len() {
             if self.waiting[w] && self.allowed(self.clock[w]) {
                 self.waiting[w] = false;
+                self.held_since[w] = None;
                 self.actions.push_back(Action::Serve {
                     rank: w as Rank,
                     clock: self.clock[w],
@@ -121,13 +125,14 @@ impl Policy for VectorClock {
         let r = rank as usize;
         self.member[r] = false;
         self.waiting[r] = false;
+        self.held_since[r] = None;
         self.update_min();
         self.release();
     }
 
     /// Worker `rank` pushed at its clock `clock` (its own numbering): applied at once, and its
     /// read at the next clock served when the bound allows.
-    fn on_push(&mut self, rank: Rank, clock: Clock, _now: Instant) -> Result<(), SyncError> {
+    fn on_push(&mut self, rank: Rank, clock: Clock, now: Instant) -> Result<(), SyncError> {
         let r = rank as usize;
         if !self.member[r] {
             return Err(SyncError::NotMember { rank });
@@ -155,6 +160,7 @@ impl Policy for VectorClock {
         self.applied += 1;
         self.clock[r] = clock + 1;
         self.waiting[r] = true;
+        self.held_since[r] = Some(now);
         self.update_min();
         self.release();
         Ok(())
@@ -187,5 +193,27 @@ impl Policy for VectorClock {
 
     fn members(&self) -> usize {
         self.member.iter().filter(|&&m| m).count()
+    }
+
+    /// Starts with the workers present: each reads at clock 0.
+    fn start(&mut self, _now: Instant) {
+        if self.started || !self.member.contains(&true) {
+            return;
+        }
+        self.started = true;
+        for w in 0..self.member.len() {
+            self.waiting[w] = self.member[w];
+        }
+        self.release();
+    }
+
+    /// The slowest workers, while reads are held for them, since the oldest held read.
+    fn awaited(&self) -> Option<(Instant, Vec<Rank>)> {
+        let since = self.held_since.iter().flatten().min().copied()?;
+        let who: Vec<Rank> = (0..self.member.len())
+            .filter(|&w| self.member[w] && !self.waiting[w] && self.clock[w] == self.min)
+            .map(|w| w as Rank)
+            .collect();
+        (!who.is_empty()).then_some((since, who))
     }
 }

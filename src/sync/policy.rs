@@ -44,8 +44,17 @@ pub trait Policy: std::fmt::Debug + Send {
     /// member's clock for a vector clock. Never decreases.
     fn min_clock(&self) -> Clock;
 
-    /// Whether training has started (every worker joined once).
+    /// Whether training has started (every worker joined once, or [`start`](Policy::start)).
     fn started(&self) -> bool;
+
+    /// Starts training now with the workers present (`--start-after-ms`); the others join later
+    /// like workers that reconnect. No-op once started or while nobody is present.
+    fn start(&mut self, now: Instant);
+
+    /// The workers everyone is waiting for, and since when: members that have not pushed in a
+    /// round others have (barrier), or the slowest workers while reads are held for them
+    /// (vector clock). `None` while nobody waits.
+    fn awaited(&self) -> Option<(Instant, Vec<Rank>)>;
 
     /// Workers currently in the job.
     fn members(&self) -> usize;

@@ -423,3 +423,26 @@ fn impossible_pushes_are_errors() {
         Err(SyncError::Duplicate { rank: 0, round: 0 })
     );
 }
+
+#[test]
+fn start_goes_on_with_the_workers_present_and_awaited_names_the_missing() {
+    let mut b = Barrier::new(BarrierMode::Naive, 3);
+    b.on_join(0, t(0));
+    b.on_join(2, t(0));
+    b.start(t(1));
+    let served: Vec<Action> = actions(&mut b);
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert!(b.started() && b.awaited().is_none());
+    b.on_push(0, 0, t(5)).unwrap();
+    assert_eq!(b.awaited(), Some((t(5), vec![2])));
+    b.on_join(1, t(6)); // late: gets the current model, and is awaited too
+    let _ = actions(&mut b);
+    assert_eq!(b.awaited(), Some((t(5), vec![1, 2])));
+    b.on_leave(1, t(7));
+    b.on_push(2, 0, t(8)).unwrap();
+    assert!(matches!(
+        actions(&mut b)[0],
+        Action::CloseRound { round: 0, .. }
+    ));
+    assert_eq!(b.awaited(), None);
+}
