@@ -355,4 +355,11 @@ impl Client {
     pub fn bye(mut self) -> Result<(), LinkError> {
         self.link.bye()
     }
+
+    /// Tells the server this worker is leaving; the link is closed, the client kept (for its
+    /// models).
+    pub fn bye_and_stay(&mut self) -> Result<(), LinkError> {
+        self.shutdown = true;
+        self.link.bye()
+    }
 }

@@ -147,6 +147,7 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
                     transport: Choice::Tcp,
                     rdma: RdmaSelect::default(),
                     secret: None,
+                    reconnect: false,
                 };
                 let stop = &stop;
                 s.spawn(move || {

@@ -15,6 +15,7 @@ use hetsync_transport::auth::Secret;
 
 use crate::client::{Client, ConnectOptions, LinkError, Status};
 use crate::Rank;
+use hetsync_transport::PeerError;
 
 /// How a simulated worker runs.
 #[derive(Debug, Clone)]
@@ -46,6 +47,8 @@ pub struct WorkerConfig {
     pub rdma: RdmaSelect,
     /// The job's shared secret, when the server authenticates workers.
     pub secret: Option<Secret>,
+    /// Reconnect when the connection to the server is lost (not when it refuses the worker).
+    pub reconnect: bool,
 }
 
 /// What a worker did.
@@ -57,6 +60,8 @@ pub struct WorkerReport {
     pub last_round: u64,
     /// Whether the server ended the run (rather than the worker's own round limit or `stop`).
     pub server_finished: bool,
+    /// Times the connection was lost and made again.
+    pub reconnects: u64,
 }
 
 /// The target of worker `rank` for tensor `key`: `dim` values in [-1, 1), fixed by `seed`.
@@ -147,8 +152,19 @@ pub fn connect(cfg: &WorkerConfig) -> Result<Client, LinkError> {
     })
 }
 
+/// Whether a link error means the connection to the server was lost (rather than refused or
+/// broken by a protocol violation): worth reconnecting.
+fn lost(e: &LinkError) -> bool {
+    matches!(
+        e,
+        LinkError::Peer(PeerError::Closed { .. } | PeerError::Io { .. })
+    )
+}
+
 /// Runs the worker loop: wait for the models, compute every tensor's gradient, push them all
-/// (pipelined), repeat.
+/// (pipelined), repeat. With `cfg.reconnect`, a lost connection (the server died or restarts
+/// from a checkpoint) is reconnected, retrying for `connect_wait`, and the loop goes on from the
+/// model the server then sends.
 pub fn run(
     cfg: &WorkerConfig,
     mut client: Client,
@@ -162,16 +178,35 @@ pub fn run(
         .collect();
     let mut steps = Steps::new(cfg);
     let mut report = WorkerReport::default();
+    loop {
+        match session(cfg, &mut client, stop, &targets, &mut steps, &mut report) {
+            Err(e) if cfg.reconnect && lost(&e) && !stop.load(Ordering::Relaxed) => {
+                report.reconnects += 1;
+                client = connect(cfg)?;
+            }
+            other => return other.map(|()| report),
+        }
+    }
+}
+
+/// One connection's worth of [`run`].
+fn session(
+    cfg: &WorkerConfig,
+    client: &mut Client,
+    stop: &AtomicBool,
+    targets: &[Vec<f32>],
+    steps: &mut Steps,
+    report: &mut WorkerReport,
+) -> Result<(), LinkError> {
     let last_round = |c: &Client| (0..targets.len()).map(|k| c.round(k)).min().unwrap_or(0);
     if client.wait_all()? == Status::Shutdown {
         report.server_finished = true;
-        return Ok(report);
+        return Ok(());
     }
-    report.last_round = last_round(&client);
+    report.last_round = last_round(client);
     loop {
         if cfg.rounds.is_some_and(|k| report.pushes >= k) || stop.load(Ordering::Relaxed) {
-            client.bye()?;
-            return Ok(report);
+            return client.bye_and_stay();
         }
         let compute = steps.next();
         if !compute.is_zero() {
@@ -188,9 +223,9 @@ pub fn run(
         report.pushes += 1;
         if status == Status::Shutdown {
             report.server_finished = true;
-            return Ok(report);
+            return Ok(());
         }
-        report.last_round = last_round(&client);
+        report.last_round = last_round(client);
     }
 }
 
@@ -226,6 +261,7 @@ mod tests {
             transport: Choice::Tcp,
             rdma: RdmaSelect::default(),
             secret: None,
+            reconnect: false,
         };
         let slow = |rank, prob| {
             let mut s = Steps::new(&cfg(rank, prob));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{max_abs_diff, parse_rounds, read_model, replay, scratch, Proc};
 use hetsync::protocol::{control_frame, FrameKind, Header, Hello, HEADER_LEN};
-use hetsync::worker::{mean_target, target};
+use hetsync::worker::target;
 
 const DIM: usize = 10_007;
 const ROUNDS: i32 = 20;
@@ -53,14 +53,7 @@ fn run_workers(addr: &str, compute_ms: &str) {
 
 /// The naive job's model after `ROUNDS` rounds with every one of 4 workers: its closed form.
 fn assert_closed_form(model: &Path) {
-    let got = read_model(model);
-    let decay = 1.0 - 0.5f32.powi(ROUNDS);
-    let want: Vec<f32> = mean_target(4, 0, DIM, 1)
-        .iter()
-        .map(|m| m * decay)
-        .collect();
-    let off = max_abs_diff(&got, &want);
-    assert!(off < 1e-5, "off the closed form by {off}");
+    common::assert_closed_form(&read_model(model), 4, ROUNDS, 0.5);
 }
 
 fn hello_frame(rank: u32, workers: u32) -> Vec<u8> {

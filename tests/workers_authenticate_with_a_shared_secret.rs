@@ -9,9 +9,8 @@ use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::{max_abs_diff, read_frame, read_model, scratch, Proc};
+use common::{read_frame, read_model, scratch, Proc};
 use hetsync::protocol::{control_frame, FrameKind, Hello, CHALLENGE_LEN};
-use hetsync::worker::mean_target;
 
 const DIM: usize = 1000;
 
@@ -89,13 +88,7 @@ fn only_workers_that_know_the_secret_are_admitted() {
         w.success();
     }
     server.success();
-    let got = read_model(&model);
-    let decay = 1.0 - 0.5f32.powi(20);
-    let want: Vec<f32> = mean_target(4, 0, DIM, 1)
-        .iter()
-        .map(|m| m * decay)
-        .collect();
-    assert!(max_abs_diff(&got, &want) < 1e-5);
+    common::assert_closed_form(&read_model(&model), 4, 20, 0.5);
     let log = server.log();
     assert!(log.contains("authentication failed"), "{log}");
 }

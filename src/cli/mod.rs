@@ -314,6 +314,18 @@ struct ServerArgs {
     /// or bsp), so the others go on; it may reconnect and rejoin. Default: never.
     #[arg(long, value_name = "MS", value_parser = positive_ms)]
     evict_after_ms: Option<f64>,
+    /// Write a checkpoint of the model and every part's round and clock to FILE every
+    /// --checkpoint-every rounds and at the end, so that a crash at any instant leaves the
+    /// previous or the new one whole (two slots, checksummed, fsync'd).
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
+    /// Rounds (vector clocks: clocks of the slowest worker) between checkpoints.
+    #[arg(long, default_value_t = 10, value_name = "R", value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_every: u64,
+    /// Continue from the newest whole checkpoint in FILE (the same job options): the model bit
+    /// for bit, at its rounds; workers reconnect by themselves. Usually the --checkpoint file.
+    #[arg(long, value_name = "FILE")]
+    resume: Option<PathBuf>,
     /// How long a connection may take from connecting to joining (its hello, and over RDMA its
     /// offer) before it is dropped.
     #[arg(long, default_value_t = 10_000.0, value_name = "MS", value_parser = positive_ms)]

@@ -77,6 +77,9 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         secret: a.auth.secret("server")?,
         start_after: a.start_after_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
         evict_after: a.evict_after_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
+        checkpoint: a.checkpoint.clone(),
+        checkpoint_every: a.checkpoint_every,
+        resume: a.resume.clone(),
     })?;
     let mut policy = a.policy.describe(timeout_ms, staleness);
     if timed {
@@ -166,6 +169,7 @@ pub(super) fn worker(a: WorkerArgs) -> Result<(), CliError> {
         transport: a.transport.transport.into(),
         rdma: a.transport.rdma(),
         secret: a.auth.secret("worker")?,
+        reconnect: true,
     };
     let stop = AtomicBool::new(false);
     let client = worker::connect(&cfg)?;
@@ -179,10 +183,11 @@ pub(super) fn worker(a: WorkerArgs) -> Result<(), CliError> {
     let report = worker::run(&cfg, client, &stop)?;
     if !a.quiet {
         eprintln!(
-            "hetsync worker {}: finished: {} pushes, last model from round {} ({})",
+            "hetsync worker {}: finished: {} pushes, last model from round {}, reconnected {} times ({})",
             a.rank,
             report.pushes,
             report.last_round,
+            report.reconnects,
             if report.server_finished {
                 "the server ended the run"
             } else {

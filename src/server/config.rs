@@ -67,6 +67,12 @@ pub struct ServerConfig {
     pub start_after: Option<Duration>,
     /// Drop a worker that everyone has waited for this long (`None`: never).
     pub evict_after: Option<Duration>,
+    /// Write a crash-safe checkpoint here every `checkpoint_every` job rounds, and at the end.
+    pub checkpoint: Option<PathBuf>,
+    /// Job rounds (or clocks) between checkpoints.
+    pub checkpoint_every: u64,
+    /// Continue from this checkpoint (the model bit for bit, every part's round and clock).
+    pub resume: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -97,6 +103,9 @@ impl ServerConfig {
             secret: None,
             start_after: None,
             evict_after: None,
+            checkpoint: None,
+            checkpoint_every: 10,
+            resume: None,
         }
     }
 }
@@ -132,6 +141,10 @@ pub struct ServerStats {
     pub refused: u64,
     /// Workers dropped because everyone waited too long for them (`--evict-after-ms`).
     pub evicted: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// The job round the run resumed from (0 when it did not)
+    pub resumed_at: u64,
 }
 
 /// What a finished run reports.
@@ -179,6 +192,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// A checkpoint could not be written or resumed from.
+    #[error(transparent)]
+    Checkpoint(#[from] super::checkpoint::CheckpointError),
     /// The model could not be saved.
     #[error("saving the model to {path}: {source}")]
     SaveModel {

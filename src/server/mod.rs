@@ -10,6 +10,7 @@
 //! held slots into the part's model: in place when no send is reading it, else into the part's
 //! other version, which becomes current while sends of the previous one finish undisturbed.
 
+pub mod checkpoint;
 mod config;
 mod late;
 mod report;
@@ -55,6 +56,9 @@ pub struct Server<T: Transport> {
     trace: Trace,
     folds: Folds,
     supervisor: supervise::Supervisor,
+    checkpoint: Option<checkpoint::Checkpoint>,
+    /// The job round of the last checkpoint.
+    checkpointed: u64,
 }
 
 /// Checks a configuration and cuts its tensors into parts.
@@ -101,7 +105,23 @@ impl<T: Transport> Server<T> {
             )));
         }
         let trace = Trace::create(cfg.trace.as_deref(), cfg.round_log.as_deref())?;
-        Ok(Self {
+        let parts = arena.parts();
+        let job = checkpoint::job_hash(
+            parts.dims(),
+            parts.part_bytes(),
+            cfg.workers,
+            cfg.mode.name(),
+        );
+        let (n, floats) = (parts.len(), parts.dims().iter().sum::<usize>());
+        let resumed = match &cfg.resume {
+            Some(path) => Some(checkpoint::load(path, job, n, floats)?),
+            None => None,
+        };
+        let ckpt = match &cfg.checkpoint {
+            Some(path) => Some(checkpoint::Checkpoint::open(path, job, n, floats)?),
+            None => None,
+        };
+        let mut server = Self {
             tensors: Tensors::new(arena.parts().clone(), cfg.mode, cfg.workers),
             folds: Folds::new(arena.parts().len()),
             transport,
@@ -112,8 +132,59 @@ impl<T: Transport> Server<T> {
             stats: ServerStats::default(),
             started: None,
             supervisor: supervise::Supervisor::default(),
+            checkpoint: ckpt,
+            checkpointed: 0,
             trace,
-        })
+        };
+        if let Some(saved) = resumed {
+            server.resume(saved);
+        }
+        Ok(server)
+    }
+
+    /// Puts every part's model, round and clock back from a checkpoint.
+    fn resume(&mut self, saved: checkpoint::Saved) {
+        let mut at = 0;
+        for key in 0..self.tensors.len() as Key {
+            let n = self.arena.parts()[key].len;
+            let round = saved.rounds[key as usize];
+            self.arena.restore(key, &saved.model[at..at + n], round);
+            self.tensors
+                .policy(key)
+                .resume(round, saved.min_clocks[key as usize]);
+            self.tensors.progressed(key);
+            at += n;
+        }
+        self.stats.rounds = self.tensors.job_rounds();
+        self.checkpointed = self.stats.rounds;
+        self.stats.resumed_at = self.stats.rounds;
+        self.log(format_args!(
+            "resumed from checkpoint {} of {}: the model as it was at job round {}",
+            saved.seq,
+            self.cfg
+                .resume
+                .as_ref()
+                .map_or(String::new(), |p| p.display().to_string()),
+            self.stats.rounds
+        ));
+    }
+
+    /// Writes a checkpoint if `--checkpoint-every` job rounds passed since the last (or `force`).
+    fn maybe_checkpoint(&mut self, force: bool) -> Result<(), ServerError> {
+        let Some(c) = self.checkpoint.as_mut() else {
+            return Ok(());
+        };
+        let due = self.stats.rounds >= self.checkpointed + self.cfg.checkpoint_every.max(1);
+        if !(due || force && self.stats.rounds > self.checkpointed) {
+            return Ok(());
+        }
+        let mins: Vec<Clock> = (0..self.tensors.len() as Key)
+            .map(|k| self.tensors.policy(k).min_clock())
+            .collect();
+        c.save(&self.arena, &mins)?;
+        self.checkpointed = self.stats.rounds;
+        self.stats.checkpoints += 1;
+        Ok(())
     }
 
     /// Serves until the round limit, the duration, or `stop` (seen within 100 ms, at once when a
@@ -167,8 +238,10 @@ impl<T: Transport> Server<T> {
             for ev in events.drain(..) {
                 self.on_event(ev, now)?;
             }
+            self.maybe_checkpoint(false)?;
         }
         let end = Instant::now();
+        self.maybe_checkpoint(true)?;
         self.trace.flush()?;
         if let Some(path) = &self.cfg.save_model {
             report::save_model(path, &self.arena).map_err(|source| ServerError::SaveModel {

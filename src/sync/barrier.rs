@@ -140,6 +140,11 @@ impl Policy for Barrier {
         self.member.iter().filter(|&&m| m).count()
     }
 
+    /// Continues at round `round` (for a barrier its rounds are its clock).
+    fn resume(&mut self, round: Clock, _min_clock: Clock) {
+        self.round = round;
+    }
+
     /// Starts rounds with the workers present.
     fn start(&mut self, _now: Instant) {
         if self.started || !self.member.contains(&true) {

@@ -195,6 +195,15 @@ impl Policy for VectorClock {
         self.member.iter().filter(|&&m| m).count()
     }
 
+    /// Continues with `round` pushes applied and every worker at clock `min_clock` (in its own
+    /// numbering, 0 again).
+    fn resume(&mut self, round: Clock, min_clock: Clock) {
+        self.applied = round;
+        self.min = min_clock;
+        self.clock.fill(min_clock);
+        self.base.fill(min_clock);
+    }
+
     /// Starts with the workers present: each reads at clock 0.
     fn start(&mut self, _now: Instant) {
         if self.started || !self.member.contains(&true) {

@@ -51,6 +51,11 @@ pub trait Policy: std::fmt::Debug + Send {
     /// like workers that reconnect. No-op once started or while nobody is present.
     fn start(&mut self, now: Instant);
 
+    /// Continues from a checkpoint, before anyone joined: the part's model is at `round`
+    /// (updates applied) and every worker had completed `min_clock` rounds or clocks; workers
+    /// (re)joining start there.
+    fn resume(&mut self, round: Clock, min_clock: Clock);
+
     /// The workers everyone is waiting for, and since when: members that have not pushed in a
     /// round others have (barrier), or the slowest workers while reads are held for them
     /// (vector clock). `None` while nobody waits.

@@ -169,6 +169,18 @@ pub fn read_model(path: &Path) -> Vec<f32> {
         .collect()
 }
 
+/// Asserts that `got` is the naive barrier's model after `rounds` rounds of `workers` workers
+/// (every one in every round) at rate `lr` from zero: `mean target * (1 - (1 - lr)^rounds)`.
+pub fn assert_closed_form(got: &[f32], workers: u32, rounds: i32, lr: f32) {
+    let decay = 1.0 - (1.0 - lr).powi(rounds);
+    let want: Vec<f32> = hetsync::worker::mean_target(workers, 0, got.len(), 1)
+        .iter()
+        .map(|m| m * decay)
+        .collect();
+    let off = max_abs_diff(got, &want);
+    assert!(off < 1e-5, "off the closed form by {off}");
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()

@@ -392,6 +392,29 @@ impl Arena {
         Ok(round)
     }
 
+    /// Puts a saved model back: part `key`'s current version becomes `model` at round `round`
+    /// (resuming from a checkpoint, before any send).
+    ///
+    /// # Panics
+    /// If a send is reading the part, or `model` is not the part's size.
+    pub fn restore(&mut self, key: Key, model: &[f32], round: Clock) {
+        let cur = self.current(key);
+        assert_eq!(
+            self.readers(key, cur),
+            0,
+            "restoring part {key} while it is sent"
+        );
+        // SAFETY: the current version has no readers (checked), is never remotely writable, and
+        // `&mut self` excludes every other borrow of it.
+        let dst: &mut [f32] =
+            bytemuck::cast_slice_mut(unsafe { self.bytes_mut(self.version_data(key, cur)) });
+        dst.copy_from_slice(model);
+        self.rounds[key as usize][cur.0 as usize] = round;
+        // SAFETY: as above, the stamp belongs to that version.
+        let stamp = unsafe { self.bytes_mut(self.version_stamp(key, cur)) };
+        stamp.copy_from_slice(&round.to_le_bytes());
+    }
+
     // ---- slots ----
 
     /// Who holds worker `rank`'s slot of part `key`.

@@ -37,6 +37,8 @@ impl WorkerEnd {
         secret: Option<&Secret>,
     ) -> Result<Self, LinkError> {
         let deadline = Instant::now() + wait;
+        // Retries back off from 50 ms to 2 s: a restarting server is not hammered.
+        let mut pause = Duration::from_millis(50);
         let stream = loop {
             let attempt = addr
                 .to_socket_addrs()
@@ -62,7 +64,12 @@ impl WorkerEnd {
                         hint,
                     });
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) => {
+                    std::thread::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    );
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
             }
         };
         let peer = stream
