@@ -76,13 +76,29 @@ fn a_killed_server_resumes_from_its_checkpoint_and_workers_carry_on() {
     // The real restart, on the address the workers keep trying.
     let mut again_args = vec!["server", "--listen", &addr, "--progress", "0"];
     again_args.extend_from_slice(&common_args);
-    // However far the first run got, the resumed one trains 20 more rounds.
-    let last = at + 20;
+    // However far the first run got, the resumed one trains 200 more rounds.
+    let last = at + 200;
     let last_s = last.to_string();
     again_args.extend(["--rounds", &last_s, "--resume", ckpt.to_str().unwrap()]);
     again_args.extend(["--checkpoint", ckpt.to_str().unwrap(), "--save-model"]);
     again_args.push(model.to_str().unwrap());
     let mut again = Proc::spawn("resumed server", &again_args);
+    // Its status shows the rounds going on from the checkpoint.
+    let deadline = Instant::now() + common::HANG;
+    let v = loop {
+        match common::status(&addr, &[]) {
+            Ok(v) if v["started"].as_bool() == Some(true) => break v,
+            _ => assert!(Instant::now() < deadline, "no status:\n{}", again.log()),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(v["stats"]["resumed_at"].as_u64(), Some(at), "{v}");
+    assert!(
+        v["rounds"].as_u64() >= Some(at) && v["rounds"].as_u64() < Some(last),
+        "{v}"
+    );
+    assert_eq!(v["connected"].as_array().map(Vec::len), Some(4), "{v}");
+    assert_eq!(v["connected"][0]["transport"], "tcp", "{v}");
     for w in &mut ws {
         w.success();
         assert!(w.log().contains("reconnected 1 times"), "{}", w.log());

@@ -80,6 +80,21 @@ fn only_workers_that_know_the_secret_are_admitted() {
     assert!(why.contains("does not know the job's secret"), "{why}");
     // It learnt nothing about the job: no welcome, no partition size, no rank taken.
 
+    // Its status, too, is for those who know the secret; they see the refusals counted.
+    let denied = common::status(&addr, &[]).unwrap_err();
+    assert!(
+        denied.contains("only to those who know the job's secret"),
+        "{denied}"
+    );
+    let v = common::status(&addr, &["--secret-file", good.to_str().unwrap()]).unwrap();
+    assert_eq!(
+        (v["policy"].as_str(), v["started"].as_bool()),
+        (Some("naive"), Some(false))
+    );
+    assert!(
+        v["stats"]["refused_by_reason"]["authentication"].as_u64() >= Some(3),
+        "{v}"
+    );
     let secret = ["--secret-file", good.to_str().unwrap(), "--compute-ms", "0"];
     let mut ws: Vec<Proc> = (0..4)
         .map(|r| Proc::worker(&addr, r, DIM, &secret))

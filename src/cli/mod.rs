@@ -55,6 +55,12 @@ enum Command {
     /// converges to the mean target and results can be checked. Each step "computes" for
     /// --compute-ms (or --straggle-ms for a straggler), pushes, and waits for the model.
     Worker(WorkerArgs),
+    /// Ask a running server how the job is doing.
+    ///
+    /// Policy, rounds or clocks per tensor, connected workers and their transport, counters
+    /// (rounds, gradients on time / folded / dropped, refused connections by reason), uptime.
+    /// With a job secret, pass the same --secret-file as the workers.
+    Status(StatusArgs),
     /// Run benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -340,6 +346,25 @@ struct ServerArgs {
     transport: TransportArgs,
 }
 
+/// The options of `hetsync status` (its help text is on [`Command`]).
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  hetsync status --server node1:7700
+  hetsync status --server node1:7700 --json --secret-file ~/.hetsync/secret-1234")]
+struct StatusArgs {
+    /// The server's HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    server: String,
+    /// Print the report as JSON (one object) instead of a summary.
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for the server at each step.
+    #[arg(long, default_value_t = 10.0, value_name = "S")]
+    timeout: f64,
+    #[command(flatten)]
+    auth: AuthArgs,
+}
+
 /// The options of `hetsync worker` (its help text is on [`Command`]).
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -504,6 +529,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Server(a) => run::server(a),
         Command::Worker(a) => run::worker(a),
+        Command::Status(a) => run::status(a),
         Command::Bench(BenchCommand::Stragglers(a)) => bench::stragglers(&a),
         Command::Demo(a) => bench::demo(&a),
     };

@@ -3,7 +3,7 @@
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use super::{signals, CliError, LateArg, Policy, ServerArgs, WorkerArgs};
+use super::{signals, CliError, LateArg, Policy, ServerArgs, StatusArgs, WorkerArgs};
 
 /// `--timeout-ms` when not given.
 const DEFAULT_TIMEOUT_MS: f64 = 10.0;
@@ -195,5 +195,51 @@ pub(super) fn worker(a: WorkerArgs) -> Result<(), CliError> {
             }
         );
     }
+    Ok(())
+}
+
+pub(super) fn status(a: StatusArgs) -> Result<(), CliError> {
+    let secret = a.auth.secret("status")?;
+    let timeout = Duration::from_secs_f64(a.timeout.max(0.001));
+    let report = hetsync_transport::channel::request_status(&a.server, secret.as_ref(), timeout)?;
+    let v: serde_json::Value = serde_json::from_slice(&report)
+        .map_err(|e| format!("the server's report is not JSON: {e}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s = &v["stats"];
+    println!(
+        "{} | policy {} | {} of {} workers connected | {} | up {:.0} s, training {:.0} s",
+        a.server,
+        v["policy"].as_str().unwrap_or("?"),
+        v["connected"].as_array().map_or(0, Vec::len),
+        v["workers"],
+        if v["started"].as_bool() == Some(true) {
+            format!("round {}", v["rounds"])
+        } else {
+            "waiting for workers to join".to_string()
+        },
+        v["uptime_s"].as_f64().unwrap_or(0.0),
+        v["training_s"].as_f64().unwrap_or(0.0),
+    );
+    for m in v["connected"].as_array().into_iter().flatten() {
+        println!(
+            "  worker {} at {} over {}",
+            m["rank"],
+            m["addr"].as_str().unwrap_or("?"),
+            m["transport"].as_str().unwrap_or("?")
+        );
+    }
+    for t in v["tensors"].as_array().into_iter().flatten() {
+        println!(
+            "  tensor {}: {} completed, {} updates",
+            t["key"], t["completed"], t["updates"]
+        );
+    }
+    println!(
+        "  gradients on time {} folded {} dropped {} | joins {} departures {} evicted {} refused {} {} | checkpoints {} (resumed at round {})",
+        s["participants"], s["late_folded"], s["dropped"], s["joins"], s["departures"], s["evicted"], s["refused"], s["refused_by_reason"], s["checkpoints"], s["resumed_at"],
+    );
     Ok(())
 }

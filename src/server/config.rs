@@ -143,6 +143,9 @@ pub struct ServerStats {
     pub evicted: u64,
     /// Checkpoints written.
     pub checkpoints: u64,
+    /// Refused connections by kind of reason (handshake_timeout, pending_full, authentication,
+    /// rank_held, wrong_job, accept_failed, protocol, other).
+    pub refused_by_reason: std::collections::BTreeMap<String, u64>,
     /// The job round the run resumed from (0 when it did not)
     pub resumed_at: u64,
 }

@@ -14,6 +14,7 @@ pub mod checkpoint;
 mod config;
 mod late;
 mod report;
+mod status;
 mod supervise;
 mod tensors;
 mod trace;
@@ -57,6 +58,8 @@ pub struct Server<T: Transport> {
     folds: Folds,
     supervisor: supervise::Supervisor,
     checkpoint: Option<checkpoint::Checkpoint>,
+    /// When the server started (for its uptime).
+    born: Instant,
     /// The job round of the last checkpoint.
     checkpointed: u64,
 }
@@ -133,6 +136,7 @@ impl<T: Transport> Server<T> {
             started: None,
             supervisor: supervise::Supervisor::default(),
             checkpoint: ckpt,
+            born: Instant::now(),
             checkpointed: 0,
             trace,
         };
@@ -315,8 +319,14 @@ impl<T: Transport> Server<T> {
                 }
                 self.log(format_args!("worker {rank} left: {reason}"));
             }
+            Event::StatusRequested { request } => self.answer_status(request, now),
             Event::Refused { peer, reason } => {
                 self.stats.refused += 1;
+                *self
+                    .stats
+                    .refused_by_reason
+                    .entry(status::refusal_kind(&reason).to_string())
+                    .or_default() += 1;
                 self.log(format_args!("refused {peer}: {reason}"));
             }
         }

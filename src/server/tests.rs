@@ -51,6 +51,10 @@ impl Transport for Scripted {
         panic!("nobody should be dropped by the server here: {why}");
     }
     fn shutdown(&mut self, _: &mut Arena, _: Duration) {}
+    fn answer_status(&mut self, _: &mut Arena, _: u64, _: &[u8]) {}
+    fn peer(&self, _: Rank) -> Option<hetsync_transport::PeerInfo> {
+        None
+    }
 }
 
 #[test]

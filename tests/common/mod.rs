@@ -160,6 +160,22 @@ pub fn job(
     server.log()
 }
 
+/// Runs `hetsync status --server addr --json` with `extra` options; returns its report, or
+/// its error text when it fails.
+pub fn status(addr: &str, extra: &[&str]) -> Result<serde_json::Value, String> {
+    let out = Command::new(bin())
+        .args(["status", "--server", addr, "--json"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 /// Reads a model saved with `--save-model`.
 pub fn read_model(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();

@@ -140,6 +140,18 @@ impl Transport for AnyServer {
     fn shutdown(&mut self, arena: &mut Arena, grace: Duration) {
         self.inner().shutdown(arena, grace)
     }
+
+    fn answer_status(&mut self, arena: &mut Arena, request: u64, report: &[u8]) {
+        self.inner().answer_status(arena, request, report)
+    }
+
+    fn peer(&self, rank: Rank) -> Option<crate::PeerInfo> {
+        match self {
+            AnyServer::Tcp(t) => t.peer(rank),
+            #[cfg(feature = "rdma")]
+            AnyServer::Rdma(r) => r.peer(rank),
+        }
+    }
 }
 
 /// A worker's link, whichever transport was chosen.

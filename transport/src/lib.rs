@@ -63,6 +63,12 @@ pub enum Event {
         /// Why.
         reason: LeaveReason,
     },
+    /// A client asked how the job is doing (`hetsync status`; authenticated like a worker
+    /// when the job has a secret). Answer with [`Transport::answer_status`].
+    StatusRequested {
+        /// Which request, to answer it.
+        request: u64,
+    },
     /// A connection that never completed the handshake was refused or failed. Informational:
     /// nothing in the job changed.
     Refused {
@@ -206,6 +212,22 @@ pub trait Transport {
 
     /// Says goodbye to every peer and flushes what is queued, waiting at most `grace`.
     fn shutdown(&mut self, arena: &mut Arena, grace: Duration);
+
+    /// Answers status request `request` with `report` (JSON) and closes its connection. A
+    /// request whose client is gone is ignored.
+    fn answer_status(&mut self, arena: &mut Arena, request: u64, report: &[u8]);
+
+    /// How worker `rank` is connected, while it is.
+    fn peer(&self, rank: Rank) -> Option<PeerInfo>;
+}
+
+/// How a worker is connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Its address.
+    pub addr: String,
+    /// `tcp` or `rdma`.
+    pub transport: &'static str,
 }
 
 /// What a worker receives while waiting for models.

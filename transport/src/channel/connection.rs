@@ -32,6 +32,8 @@ pub enum Frame {
     RdmaConnect(Vec<u8>),
     /// The worker's answer to the server's challenge: its proof of knowing the secret.
     Auth([u8; protocol::PROOF_LEN]),
+    /// A status request, with the client's authentication nonce if it has a secret.
+    Status(Option<[u8; protocol::NONCE_LEN]>),
 }
 
 /// Where the next bytes of a connection go.
@@ -109,7 +111,11 @@ impl Connection {
                 (_, FrameKind::Welcome | FrameKind::Model | FrameKind::Challenge) => {
                     Some("from a worker")
                 }
-                (false, FrameKind::Hello) if self.hello_seen => Some("twice"),
+                (false, FrameKind::Hello | FrameKind::Status) if self.hello_seen => Some("twice"),
+                (false, FrameKind::Status) if h.len != 0 && h.len != protocol::NONCE_LEN as u64 => {
+                    Some("with a payload that is neither empty nor a nonce")
+                }
+                (false, FrameKind::Status) => None,
                 (false, FrameKind::Hello) => None,
                 (false, FrameKind::Auth) if self.awaiting_auth => None,
                 (false, FrameKind::Auth) => Some("without a challenge"),
@@ -117,7 +123,7 @@ impl Connection {
                 (false, _) if self.awaiting_auth => Some("instead of the answer to the challenge"),
                 (false, _) => Some("before the handshake"),
                 (true, FrameKind::Hello) => Some("after the handshake"),
-                (true, FrameKind::Auth) => Some("after the handshake"),
+                (true, FrameKind::Auth | FrameKind::Status) => Some("after the handshake"),
                 (true, _) => None,
             };
             if let Some(when) = when {
@@ -149,6 +155,10 @@ impl Connection {
                 Frame::Hello(Hello::decode(&std::mem::take(&mut self.ctrl))?)
             }
             FrameKind::Auth => Frame::Auth(self.ctrl[..].try_into().expect("length checked")),
+            FrameKind::Status => {
+                self.hello_seen = true;
+                Frame::Status(self.ctrl[..].try_into().ok())
+            }
             FrameKind::Push => Frame::Push {
                 key: h.key,
                 clock: h.clock,
@@ -297,6 +307,37 @@ mod tests {
         assert!(
             feed(&mut c, &wrong, &[], &mut slots()).is_err(),
             "a proof of the wrong size"
+        );
+    }
+
+    #[test]
+    fn a_status_request_is_a_first_frame_with_no_payload_or_a_nonce() {
+        let empty = control_frame(FrameKind::Status, 0, 0, &[]);
+        let nonce = control_frame(FrameKind::Status, 0, 0, &[4; protocol::NONCE_LEN]);
+        let odd = control_frame(FrameKind::Status, 0, 0, &[4; 5]);
+        let mut c = Connection::new();
+        assert_eq!(
+            feed(&mut c, &empty, &[], &mut slots()).unwrap(),
+            vec![Frame::Status(None)]
+        );
+        let mut c = Connection::new();
+        assert_eq!(
+            feed(&mut c, &nonce, &[7], &mut slots()).unwrap(),
+            vec![Frame::Status(Some([4; protocol::NONCE_LEN]))]
+        );
+        assert!(feed(&mut c, &empty, &[], &mut slots()).is_err(), "twice");
+        assert!(feed(&mut Connection::new(), &odd, &[], &mut slots()).is_err());
+        let mut c = Connection::new();
+        feed(
+            &mut c,
+            &control_frame(FrameKind::Hello, 0, 0, &hello().encode()),
+            &[],
+            &mut slots(),
+        )
+        .unwrap();
+        assert!(
+            feed(&mut c, &empty, &[], &mut slots()).is_err(),
+            "after a hello"
         );
     }
 

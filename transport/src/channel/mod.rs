@@ -9,8 +9,10 @@ pub mod outbox;
 pub mod reactor;
 mod server_end;
 mod socket;
+mod status;
 mod worker_end;
 
 pub use admission::Limits;
 pub use server_end::{ListenConfig, ServerEnd, DEFAULT_WRITE_TIMEOUT};
+pub use status::request_status;
 pub use worker_end::WorkerEnd;

@@ -75,7 +75,14 @@ pub enum FrameKind {
     Challenge = 8,
     /// Worker -> server, after a challenge: the worker's proof of knowing the shared secret.
     Auth = 9,
+    /// Client -> server, first frame instead of a hello: a status request (`hetsync status`),
+    /// empty or carrying an authentication nonce as a hello does. Server -> client: the report,
+    /// JSON of at most [`MAX_STATUS_REPORT`] bytes; the server closes after it.
+    Status = 10,
 }
+
+/// Largest status report.
+pub const MAX_STATUS_REPORT: u64 = 16 << 20;
 
 impl FrameKind {
     fn from_u8(v: u8) -> Option<Self> {
@@ -89,6 +96,7 @@ impl FrameKind {
             7 => Self::RdmaConnect,
             8 => Self::Challenge,
             9 => Self::Auth,
+            10 => Self::Status,
             _ => return None,
         })
     }
@@ -280,6 +288,7 @@ pub fn check_len(h: &Header, parts: Option<&Parts>) -> Result<(), ProtocolError>
             return Ok(());
         }
         FrameKind::Hello => Hello::MAX_LEN as u64,
+        FrameKind::Status => MAX_STATUS_REPORT,
         FrameKind::Error | FrameKind::RdmaConnect => MAX_CONTROL_PAYLOAD,
     };
     if h.len > max {

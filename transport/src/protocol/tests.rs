@@ -42,7 +42,7 @@ fn rejects_other_versions() {
 
 #[test]
 fn rejects_unknown_kinds() {
-    for k in [0u8, 10, 200, 255] {
+    for k in [0u8, 11, 200, 255] {
         let mut b = Header::new(FrameKind::Push, 0, 0, 32).encode();
         b[6] = k;
         assert_eq!(Header::decode(&b), Err(ProtocolError::UnknownKind(k)));

@@ -469,4 +469,16 @@ impl Transport for RdmaServer {
             self.remove_peer(arena, rank);
         }
     }
+
+    fn answer_status(&mut self, arena: &mut Arena, request: u64, report: &[u8]) {
+        self.end.answer_status(arena, request, report);
+    }
+
+    fn peer(&self, rank: Rank) -> Option<crate::PeerInfo> {
+        let mut info = self.end.peer(rank)?;
+        if self.peers.get(rank as usize).is_some_and(Option::is_some) {
+            info.transport = "rdma";
+        }
+        Some(info)
+    }
 }

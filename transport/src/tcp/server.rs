@@ -56,4 +56,12 @@ impl Transport for TcpServer {
     fn shutdown(&mut self, arena: &mut Arena, grace: Duration) {
         self.end.shutdown(arena, grace);
     }
+
+    fn answer_status(&mut self, arena: &mut Arena, request: u64, report: &[u8]) {
+        self.end.answer_status(arena, request, report);
+    }
+
+    fn peer(&self, rank: Rank) -> Option<crate::PeerInfo> {
+        self.end.peer(rank)
+    }
 }

@@ -86,6 +86,7 @@ impl ServerEnd {
                 join_pending: false,
                 stalled_since: None,
                 challenged: None,
+                close_when_sent: false,
             });
             let evicted = self.admission.accepted(idx, addr.ip(), Instant::now());
             for (victim, why) in evicted {

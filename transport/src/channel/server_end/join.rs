@@ -9,12 +9,17 @@ use crate::channel::handshake;
 use crate::protocol::{FrameKind, Hello, Welcome, CHALLENGE_LEN};
 use crate::{Arena, Event};
 
-/// A hello waiting for the answer to the server's challenge.
+/// A hello (or a status request) waiting for the answer to the server's challenge.
 #[derive(Debug)]
 pub(super) struct Challenged {
-    hello: Hello,
+    /// The hello; `None` for a status request.
+    hello: Option<Hello>,
+    theirs: Nonce,
     ours: Nonce,
 }
+
+/// What a status request's proofs are bound to, in place of a hello.
+pub const STATUS: &[u8] = b"status";
 
 impl ServerEnd {
     /// A hello arrived: challenge it when the job has a secret, else admit it.
@@ -30,17 +35,56 @@ impl ServerEnd {
             let why = "this server admits only workers that know the job's secret: start the worker with --secret-file FILE (or HETSYNC_SECRET_FILE)";
             return self.refuse(arena, idx, why);
         };
+        let bound = hello.encode();
+        self.challenge(arena, idx, Some(hello), theirs, &bound, &secret);
+    }
+
+    /// A status request: answered once it is authenticated (when the job has a secret).
+    pub(super) fn on_status(&mut self, arena: &mut Arena, idx: usize, theirs: Option<Nonce>) {
+        match (self.secret.clone(), theirs) {
+            (None, _) => self.status_requested(idx),
+            (Some(secret), Some(theirs)) => {
+                self.challenge(arena, idx, None, theirs, STATUS, &secret)
+            }
+            (Some(_), None) => self.refuse(
+                arena,
+                idx,
+                "this server tells its status only to those who know the job's secret: pass --secret-file FILE (or HETSYNC_SECRET_FILE)",
+            ),
+        }
+    }
+
+    fn status_requested(&mut self, idx: usize) {
+        let p = self.peers[idx].as_ref().expect("live peer");
+        self.pending
+            .push(Event::StatusRequested { request: p.token });
+    }
+
+    /// Sends the challenge: our nonce and our proof over both nonces and `bound`.
+    fn challenge(
+        &mut self,
+        arena: &mut Arena,
+        idx: usize,
+        hello: Option<Hello>,
+        theirs: Nonce,
+        bound: &[u8],
+        secret: &crate::auth::Secret,
+    ) {
         let ours = match nonce() {
             Ok(n) => n,
             Err(e) => return self.refuse(arena, idx, &format!("server error: {e}")),
         };
-        let proof = secret.server_proof(&theirs, &ours, &hello.encode());
+        let proof = secret.server_proof(&theirs, &ours, bound);
         let mut payload = Vec::with_capacity(CHALLENGE_LEN);
         payload.extend_from_slice(&ours);
         payload.extend_from_slice(&proof);
         let p = self.peers[idx].as_mut().expect("live peer");
         p.conn.set_awaiting_auth();
-        p.challenged = Some(Box::new(Challenged { hello, ours }));
+        p.challenged = Some(Box::new(Challenged {
+            hello,
+            theirs,
+            ours,
+        }));
         p.out.push_control(FrameKind::Challenge, &payload);
         self.flush(arena, idx);
     }
@@ -53,12 +97,15 @@ impl ServerEnd {
             .take()
             .expect("auth frames only after a challenge");
         let secret = self.secret.as_ref().expect("challenges only with a secret");
-        let theirs = c.hello.auth_nonce.expect("challenged hellos carry a nonce");
-        if !secret.verify_worker(&c.ours, &theirs, &c.hello.encode(), proof) {
+        let bound = c.hello.as_ref().map_or(STATUS.to_vec(), Hello::encode);
+        if !secret.verify_worker(&c.ours, &c.theirs, &bound, proof) {
             let why = "authentication failed: this worker does not know the job's secret (check that server and worker use the same --secret-file)";
             return self.refuse(arena, idx, why);
         }
-        self.join(arena, idx, c.hello);
+        match c.hello {
+            Some(hello) => self.join(arena, idx, hello),
+            None => self.status_requested(idx),
+        }
     }
 
     /// Admits `hello` (rank, job, tensors) and welcomes the worker, or refuses it saying why.

@@ -15,6 +15,7 @@
 
 mod accept;
 mod join;
+pub(super) use join::STATUS;
 mod shutdown;
 
 use std::io::{self, Write};
@@ -86,6 +87,8 @@ struct Peer {
     stalled_since: Option<Instant>,
     /// A hello waiting for the answer to the server's challenge.
     challenged: Option<Box<join::Challenged>>,
+    /// Close once everything queued has gone out (a status report).
+    close_when_sent: bool,
 }
 
 impl Peer {
@@ -325,6 +328,29 @@ impl ServerEnd {
         }
     }
 
+    /// Answers status request `request` (see [`crate::Transport::answer_status`]).
+    pub fn answer_status(&mut self, arena: &mut Arena, request: u64, report: &[u8]) {
+        let idx = (request & 0xffff_ffff) as usize;
+        let Some(p) = self.peers.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        if p.token != request {
+            return;
+        }
+        p.out.push_control(FrameKind::Status, report);
+        p.close_when_sent = true;
+        self.flush(arena, idx);
+    }
+
+    /// How worker `rank` is connected (over this channel: TCP).
+    pub fn peer(&self, rank: Rank) -> Option<crate::PeerInfo> {
+        let p = self.peers[self.index(rank)?].as_ref()?;
+        Some(crate::PeerInfo {
+            addr: p.addr.clone(),
+            transport: "tcp",
+        })
+    }
+
     /// Drops worker `rank`, telling it why.
     pub fn disconnect(&mut self, arena: &mut Arena, rank: Rank, why: &str) {
         if let Some(idx) = self.index(rank) {
@@ -399,6 +425,7 @@ impl ServerEnd {
         match frame {
             Frame::Hello(hello) => self.on_hello(arena, idx, hello),
             Frame::Auth(proof) => self.on_auth(arena, idx, &proof),
+            Frame::Status(nonce) => self.on_status(arena, idx, nonce),
             Frame::Push { key, clock } => {
                 let rank = p.rank.expect("pushes only after the handshake");
                 // The payload was only read into the slot while it was lent (read_step), so the
@@ -452,6 +479,10 @@ impl ServerEnd {
             (false, true) => self.stalled += 1,
             (true, false) => self.stalled -= 1,
             _ => {}
+        }
+        if done && p.close_when_sent {
+            let _ = p.stream.shutdown(Shutdown::Write);
+            return self.close(arena, idx, None);
         }
         if done == p.want_write {
             if let Err(e) = self.reactor.modify(p.stream.as_fd(), p.token, !done) {
