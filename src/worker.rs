@@ -182,9 +182,30 @@ pub fn run(
         match session(cfg, &mut client, stop, &targets, &mut steps, &mut report) {
             Err(e) if cfg.reconnect && lost(&e) && !stop.load(Ordering::Relaxed) => {
                 report.reconnects += 1;
-                client = connect(cfg)?;
+                client = reconnect(cfg, stop)?;
             }
             other => return other.map(|()| report),
+        }
+    }
+}
+
+/// Connects again after the connection was lost. A connection that is lost again during the
+/// handshake (e.g. accepted into a dying server's backlog, then reset) is retried too, with
+/// back-off, for `connect_wait` in all.
+fn reconnect(cfg: &WorkerConfig, stop: &AtomicBool) -> Result<Client, LinkError> {
+    let deadline = std::time::Instant::now() + cfg.connect_wait;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match connect(cfg) {
+            Err(e)
+                if lost(&e)
+                    && std::time::Instant::now() < deadline
+                    && !stop.load(Ordering::Relaxed) =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
         }
     }
 }

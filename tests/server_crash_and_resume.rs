@@ -8,9 +8,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{read_model, scratch, Proc};
-use hetsync::server::checkpoint::{job_hash, load};
+use hetsync::server::checkpoint::{job_hash, load, Shape};
 
 const DIM: usize = 10_007;
+const SHAPE: Shape = Shape {
+    parts: 1,
+    workers: 4,
+    floats: DIM,
+};
 
 #[test]
 fn a_killed_server_resumes_from_its_checkpoint_and_workers_carry_on() {
@@ -40,7 +45,7 @@ fn a_killed_server_resumes_from_its_checkpoint_and_workers_carry_on() {
         .collect();
     // Let it write a few checkpoints, then kill it mid-run.
     let deadline = Instant::now() + common::HANG;
-    while load(&ckpt, job, 1, DIM).map_or(true, |s| s.seq < 3) {
+    while load(&ckpt, job, SHAPE).map_or(true, |s| s.seq < 3) {
         assert!(
             Instant::now() < deadline,
             "no checkpoints:\n{}",
@@ -50,7 +55,7 @@ fn a_killed_server_resumes_from_its_checkpoint_and_workers_carry_on() {
     }
     first.child.kill().unwrap();
     let _ = first.wait();
-    let saved = load(&ckpt, job, 1, DIM).unwrap();
+    let saved = load(&ckpt, job, SHAPE).unwrap();
     let at = saved.rounds[0];
     assert!(at >= 9, "checkpoint {} at round {at}", saved.seq);
 
@@ -80,6 +85,8 @@ fn a_killed_server_resumes_from_its_checkpoint_and_workers_carry_on() {
     let last = at + 200;
     let last_s = last.to_string();
     again_args.extend(["--rounds", &last_s, "--resume", ckpt.to_str().unwrap()]);
+    let rounds_log = dir.join("rounds.jsonl");
+    again_args.extend(["--round-log", rounds_log.to_str().unwrap()]);
     again_args.extend(["--checkpoint", ckpt.to_str().unwrap(), "--save-model"]);
     again_args.push(model.to_str().unwrap());
     let mut again = Proc::spawn("resumed server", &again_args);
@@ -88,7 +95,12 @@ fn a_killed_server_resumes_from_its_checkpoint_and_workers_carry_on() {
     let v = loop {
         match common::status(&addr, &[]) {
             Ok(v) if v["started"].as_bool() == Some(true) => break v,
-            _ => assert!(Instant::now() < deadline, "no status:\n{}", again.log()),
+            _ => assert!(
+                Instant::now() < deadline,
+                "no status:\n{}\n{}",
+                again.log(),
+                ws.iter().map(Proc::log).collect::<Vec<_>>().join("\n")
+            ),
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -108,6 +120,15 @@ fn a_killed_server_resumes_from_its_checkpoint_and_workers_carry_on() {
     assert!(log.contains(&format!("finished: {last} rounds")), "{log}");
     // Every round, before and after the crash, had all four workers: the closed form.
     common::assert_closed_form(&read_model(&model), 4, last as i32, 0.5);
+    // Its rounds, logged, go on from the checkpoint's.
+    let logged = common::parse_rounds(&std::fs::read_to_string(&rounds_log).unwrap());
+    assert_eq!(
+        logged.first().map(|r| r.round),
+        Some(at),
+        "{:?}",
+        logged.first()
+    );
+    assert_eq!(logged.len() as u64, last - at);
     // And its checkpoint at the end is at the last round.
-    assert_eq!(load(&ckpt, job, 1, DIM).unwrap().rounds, vec![last]);
+    assert_eq!(load(&ckpt, job, SHAPE).unwrap().rounds, vec![last]);
 }

@@ -61,6 +61,13 @@ fn dribbling_and_non_reading_peers_do_not_stall_training_or_tear_models() {
     let (h, _) = read_frame(&mut slow);
     assert_eq!((h.kind, h.clock), (FrameKind::Model, 0));
 
+    // Its push is for round 0: make sure that round has closed (on a loaded machine the fast
+    // workers' 16 MiB pushes can take longer than this one), so the push is late.
+    let deadline = std::time::Instant::now() + common::HANG;
+    while common::status(&addr, &[]).map_or(0, |v| v["rounds"].as_u64().unwrap_or(0)) < 1 {
+        assert!(std::time::Instant::now() < deadline, "no rounds closed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // A push whose header arrives a byte at a time and whose payload arrives in pieces.
     let grad: Vec<u8> = vec![0u8; DIM * 4];
     for b in Header::new(FrameKind::Push, 0, 0, grad.len() as u64).encode() {

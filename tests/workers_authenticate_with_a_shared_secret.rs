@@ -80,6 +80,30 @@ fn only_workers_that_know_the_secret_are_admitted() {
     assert!(why.contains("does not know the job's secret"), "{why}");
     // It learnt nothing about the job: no welcome, no partition size, no rank taken.
 
+    // A status client that knows the secret but answers its challenge twice: the server
+    // carries on (it used to panic here).
+    let secret =
+        hetsync_transport::auth::Secret::new(b"this job's secret: 7f3a9c0e1b2d4f68".to_vec())
+            .unwrap();
+    let mut raw = TcpStream::connect(&addr).unwrap();
+    raw.set_read_timeout(Some(common::HANG)).unwrap();
+    let ours = [9u8; 32];
+    raw.write_all(&control_frame(FrameKind::Status, 0, 0, &ours))
+        .unwrap();
+    let (h, challenge) = read_frame(&mut raw);
+    assert_eq!(h.kind, FrameKind::Challenge);
+    let theirs: [u8; 32] = challenge[..32].try_into().unwrap();
+    let proof = secret.worker_proof(&theirs, &ours, b"status");
+    let answer = control_frame(FrameKind::Auth, 0, 0, &proof);
+    raw.write_all(&[answer.clone(), answer].concat()).unwrap();
+    // The second answer is a protocol violation: the client is dropped (its report may or may
+    // not have gone out first), and nothing else happens.
+    let (h, body) = read_frame(&mut raw);
+    match h.kind {
+        FrameKind::Status => assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok()),
+        FrameKind::Error => assert!(String::from_utf8_lossy(&body).contains("challenge")),
+        other => panic!("unexpected {other:?}"),
+    }
     // Its status, too, is for those who know the secret; they see the refusals counted.
     let denied = common::status(&addr, &[]).unwrap_err();
     assert!(

@@ -12,10 +12,11 @@
 //!
 //! ```text
 //! offset        size  content
-//!      0         128  header 0 (names data slot 0)
-//!    128         128  header 1 (names data slot 1)
-//!   4096     slot_len data slot 0: rounds (u64 per part), min clocks (u64 per part), model (f32)
-//!   4096+slot_len      data slot 1
+//!      0         128  header 0 (names data slot 0), alone in its 4 KiB block
+//!   4096         128  header 1 (names data slot 1), alone in its 4 KiB block
+//!   8192     slot_len data slot 0: rounds (u64 per part), every worker's clock (u64 per part
+//!                     and worker), model (f32)
+//!   8192+slot_len      data slot 1
 //! header: magic "HSCK", version u32, sequence u64, payload length u64, reserved u64,
 //!         payload SHA-256, job SHA-256, SHA-256 of the 96 bytes before it
 //! ```
@@ -33,7 +34,26 @@ use crate::{Clock, Key};
 const MAGIC: &[u8; 4] = b"HSCK";
 const VERSION: u32 = 1;
 const HEADER_LEN: usize = 128;
-const DATA_AT: u64 = 4096;
+/// Where header `i` is: each in its own block, so a torn block write cannot hit both.
+const HEADER_AT: [u64; 2] = [0, 4096];
+const DATA_AT: u64 = 8192;
+
+/// The size of a job, as a checkpoint lays it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Parts.
+    pub parts: usize,
+    /// Workers.
+    pub workers: usize,
+    /// Floats of the model, all tensors.
+    pub floats: usize,
+}
+
+impl Shape {
+    fn payload_len(&self) -> u64 {
+        (8 * self.parts + 8 * self.parts * self.workers + 4 * self.floats) as u64
+    }
+}
 
 /// A checkpoint as loaded.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,8 +62,8 @@ pub struct Saved {
     pub seq: u64,
     /// Per part, its model's round (updates applied).
     pub rounds: Vec<Clock>,
-    /// Per part, the rounds or clocks every worker had completed.
-    pub min_clocks: Vec<Clock>,
+    /// Per part, every worker's clock (barrier: the part's round for everyone).
+    pub clocks: Vec<Vec<Clock>>,
     /// Every part's model, in part order (every tensor in key order).
     pub model: Vec<f32>,
 }
@@ -120,20 +140,15 @@ fn header(seq: u64, payload_len: u64, payload: &[u8; 32], job: &[u8; 32]) -> [u8
 impl Checkpoint {
     /// Opens `path` for checkpoints of a job (`job` from [`job_hash`]) with `parts` parts of
     /// `floats` floats in all, continuing the sequence of what it holds (creating it if needed).
-    pub fn open(
-        path: &Path,
-        job: [u8; 32],
-        parts: usize,
-        floats: usize,
-    ) -> Result<Self, CheckpointError> {
+    pub fn open(path: &Path, job: [u8; 32], shape: Shape) -> Result<Self, CheckpointError> {
         let io_err = |op, source| CheckpointError::Io {
             path: path.to_path_buf(),
             op,
             source,
         };
-        let payload_len = (16 * parts + 4 * floats) as u64;
+        let payload_len = shape.payload_len();
         let slot_len = payload_len.div_ceil(4096) * 4096;
-        let next = match load(path, job, parts, floats) {
+        let next = match load(path, job, shape) {
             Ok(saved) => saved.seq + 1,
             Err(CheckpointError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 1
@@ -150,6 +165,12 @@ impl Checkpoint {
             .map_err(|e| io_err("open", e))?;
         file.set_len(DATA_AT + 2 * slot_len)
             .map_err(|e| io_err("set its size", e))?;
+        // The file's own entry must survive a crash too.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -167,15 +188,15 @@ impl Checkpoint {
     }
 
     /// Writes a checkpoint of `arena`'s current models, each part at its round, with every
-    /// part's `min_clocks`; returns its sequence number. On return it is durable.
-    pub fn save(&mut self, arena: &Arena, min_clocks: &[Clock]) -> Result<u64, CheckpointError> {
+    /// part's `clocks` (one per worker); returns its sequence number. On return it is durable.
+    pub fn save(&mut self, arena: &Arena, clocks: &[Vec<Clock>]) -> Result<u64, CheckpointError> {
         let parts = arena.parts().len();
         self.buf.clear();
         for key in 0..parts as Key {
             self.buf.extend_from_slice(&arena.round(key).to_le_bytes());
         }
-        for &m in min_clocks {
-            self.buf.extend_from_slice(&m.to_le_bytes());
+        for &c in clocks.iter().flatten() {
+            self.buf.extend_from_slice(&c.to_le_bytes());
         }
         for key in 0..parts as Key {
             self.buf
@@ -196,7 +217,7 @@ impl Checkpoint {
         let digest: [u8; 32] = Sha256::digest(&self.buf).into();
         let h = header(seq, self.payload_len, &digest, &self.job);
         self.file
-            .write_all_at(&h, slot * HEADER_LEN as u64)
+            .write_all_at(&h, HEADER_AT[slot as usize])
             .map_err(|e| io_err("write its header", e))?;
         self.file.sync_data().map_err(|e| io_err("fsync", e))?;
         self.next += 1;
@@ -206,13 +227,8 @@ impl Checkpoint {
 
 /// Loads the newest whole checkpoint of job `job` (of `parts` parts, `floats` floats) from
 /// `path`.
-pub fn load(
-    path: &Path,
-    job: [u8; 32],
-    parts: usize,
-    floats: usize,
-) -> Result<Saved, CheckpointError> {
-    let expected = (16 * parts + 4 * floats) as u64;
+pub fn load(path: &Path, job: [u8; 32], shape: Shape) -> Result<Saved, CheckpointError> {
+    let expected = shape.payload_len();
     let io_err = |op, source| CheckpointError::Io {
         path: path.to_path_buf(),
         op,
@@ -220,13 +236,17 @@ pub fn load(
     };
     let file = File::open(path).map_err(|e| io_err("open", e))?;
     let mut heads = [0u8; 2 * HEADER_LEN];
-    let got = file.read_at(&mut heads, 0).map_err(|e| io_err("read", e))?;
+    let mut got = [0usize; 2];
+    for (i, at) in HEADER_AT.iter().enumerate() {
+        let buf = &mut heads[i * HEADER_LEN..(i + 1) * HEADER_LEN];
+        got[i] = file.read_at(buf, *at).map_err(|e| io_err("read", e))?;
+    }
     let mut why = Vec::new();
     let mut best: Option<Saved> = None;
     let mut other_job = false;
     for slot in 0..2u64 {
         let h = &heads[slot as usize * HEADER_LEN..(slot as usize + 1) * HEADER_LEN];
-        if got < (slot as usize + 1) * HEADER_LEN || &h[0..4] != MAGIC {
+        if got[slot as usize] < HEADER_LEN || &h[0..4] != MAGIC {
             why.push(format!("slot {slot}: never written"));
             continue;
         }
@@ -260,7 +280,7 @@ pub fn load(
             why.push(format!("slot {slot}: data does not match its header"));
             continue;
         }
-        best = Some(decode(seq, &data, parts));
+        best = Some(decode(seq, &data, shape));
     }
     match best {
         Some(s) => Ok(s),
@@ -274,14 +294,17 @@ pub fn load(
     }
 }
 
-/// Splits a payload of a job of `parts` parts: rounds, min clocks, model.
-fn decode(seq: u64, data: &[u8], parts: usize) -> Saved {
+/// Splits a payload of a job of this shape: rounds, clocks, model.
+fn decode(seq: u64, data: &[u8], shape: Shape) -> Saved {
     let u64_at = |i: usize| u64::from_le_bytes(data[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+    let (p, w) = (shape.parts, shape.workers);
     Saved {
         seq,
-        rounds: (0..parts).map(u64_at).collect(),
-        min_clocks: (parts..2 * parts).map(u64_at).collect(),
-        model: bytemuck::pod_collect_to_vec(&data[16 * parts..]),
+        rounds: (0..p).map(u64_at).collect(),
+        clocks: (0..p)
+            .map(|k| (0..w).map(|r| u64_at(p + k * w + r)).collect())
+            .collect(),
+        model: bytemuck::pod_collect_to_vec(&data[8 * (p + p * w)..]),
     }
 }
 
@@ -309,65 +332,85 @@ mod tests {
     }
 
     const JOB: [u8; 32] = [1; 32];
-    const PARTS: usize = 3;
-    const FLOATS: usize = 307;
+    const SHAPE: Shape = Shape {
+        parts: 3,
+        workers: 1,
+        floats: 307,
+    };
 
     #[test]
     fn the_newest_whole_checkpoint_is_loaded_and_a_torn_one_falls_back_to_the_previous() {
         let path = scratch("torn");
-        let mut c = Checkpoint::open(&path, JOB, PARTS, FLOATS).unwrap();
-        assert_eq!(c.save(&arena(1.5, 10), &[9, 9, 10]).unwrap(), 1);
-        assert_eq!(c.save(&arena(2.5, 20), &[19, 20, 20]).unwrap(), 2);
-        let s = load(&path, JOB, PARTS, FLOATS).unwrap();
+        let mut c = Checkpoint::open(&path, JOB, SHAPE).unwrap();
         assert_eq!(
-            (s.seq, s.rounds.clone(), s.min_clocks.clone()),
-            (2, vec![20; 3], vec![19, 20, 20])
+            c.save(&arena(1.5, 10), &[vec![9], vec![9], vec![10]])
+                .unwrap(),
+            1
         );
-        assert!(s.model.iter().all(|&m| m == 2.5) && s.model.len() == FLOATS);
-        let slot_len = ((16 * PARTS + 4 * FLOATS) as u64).div_ceil(4096) * 4096;
+        assert_eq!(
+            c.save(&arena(2.5, 20), &[vec![19], vec![20], vec![20]])
+                .unwrap(),
+            2
+        );
+        let s = load(&path, JOB, SHAPE).unwrap();
+        assert_eq!(
+            (s.seq, s.rounds.clone(), s.clocks.clone()),
+            (2, vec![20; 3], vec![vec![19], vec![20], vec![20]])
+        );
+        assert!(s.model.iter().all(|&m| m == 2.5) && s.model.len() == SHAPE.floats);
+        let slot_len = SHAPE.payload_len().div_ceil(4096) * 4096;
         let copy = path.with_extension("orig");
         std::fs::copy(&path, &copy).unwrap();
         let torn = |at: u64| {
             std::fs::copy(&copy, &path).unwrap();
             let f = OpenOptions::new().write(true).open(&path).unwrap();
             f.write_all_at(&[0xff; 10], at).unwrap();
-            load(&path, JOB, PARTS, FLOATS).unwrap()
+            load(&path, JOB, SHAPE).unwrap()
         };
         // Checkpoint 1 went to slot 1, 2 to slot 0. A crash while writing 3's data (slot 1)
         // leaves 2 untouched.
         assert_eq!(torn(DATA_AT + slot_len).seq, 2);
         // A crash while writing 2's header leaves 1, whole.
         let s = torn(40);
-        assert_eq!((s.seq, s.rounds[0], s.min_clocks[0]), (1, 10, 9));
+        assert_eq!((s.seq, s.rounds[0], s.clocks[0][0]), (1, 10, 9));
         assert!(s.model.iter().all(|&m| m == 1.5));
         // Data that no longer matches its header (a bad disk) is not used either.
         assert_eq!(torn(DATA_AT + 8).seq, 1);
         // Both gone: a clear error, and reopening starts the sequence anew.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xff; 10], HEADER_LEN as u64 + 40).unwrap();
+        f.write_all_at(&[0xff; 10], HEADER_AT[1] + 40).unwrap();
         assert!(matches!(
-            load(&path, JOB, PARTS, FLOATS),
+            load(&path, JOB, SHAPE),
             Err(CheckpointError::Invalid { .. })
         ));
-        let mut c = Checkpoint::open(&path, JOB, PARTS, FLOATS).unwrap();
-        assert_eq!(c.save(&arena(3.5, 30), &[30; 3]).unwrap(), 1);
+        let mut c = Checkpoint::open(&path, JOB, SHAPE).unwrap();
+        assert_eq!(
+            c.save(&arena(3.5, 30), &[vec![30], vec![30], vec![30]])
+                .unwrap(),
+            1
+        );
         // Reopening a file with valid checkpoints continues their sequence.
-        let mut c = Checkpoint::open(&copy, JOB, PARTS, FLOATS).unwrap();
-        assert_eq!(c.save(&arena(3.5, 30), &[30; 3]).unwrap(), 3);
-        assert_eq!(load(&copy, JOB, PARTS, FLOATS).unwrap().rounds, vec![30; 3]);
+        let mut c = Checkpoint::open(&copy, JOB, SHAPE).unwrap();
+        assert_eq!(
+            c.save(&arena(3.5, 30), &[vec![30], vec![30], vec![30]])
+                .unwrap(),
+            3
+        );
+        assert_eq!(load(&copy, JOB, SHAPE).unwrap().rounds, vec![30; 3]);
     }
 
     #[test]
     fn another_jobs_checkpoint_is_refused() {
         let path = scratch("other");
-        let mut c = Checkpoint::open(&path, JOB, PARTS, FLOATS).unwrap();
-        c.save(&arena(1.0, 1), &[1; 3]).unwrap();
+        let mut c = Checkpoint::open(&path, JOB, SHAPE).unwrap();
+        c.save(&arena(1.0, 1), &[vec![1], vec![1], vec![1]])
+            .unwrap();
         assert!(matches!(
-            load(&path, [2; 32], PARTS, FLOATS),
+            load(&path, [2; 32], SHAPE),
             Err(CheckpointError::OtherJob { .. })
         ));
         assert!(matches!(
-            Checkpoint::open(&path, [2; 32], PARTS, FLOATS),
+            Checkpoint::open(&path, [2; 32], SHAPE),
             Err(CheckpointError::OtherJob { .. })
         ));
         // The arena's versions are what a send would read: restore writes the current one.

@@ -115,13 +115,17 @@ impl<T: Transport> Server<T> {
             cfg.workers,
             cfg.mode.name(),
         );
-        let (n, floats) = (parts.len(), parts.dims().iter().sum::<usize>());
+        let shape = checkpoint::Shape {
+            parts: parts.len(),
+            workers: cfg.workers,
+            floats: parts.dims().iter().sum::<usize>(),
+        };
         let resumed = match &cfg.resume {
-            Some(path) => Some(checkpoint::load(path, job, n, floats)?),
+            Some(path) => Some(checkpoint::load(path, job, shape)?),
             None => None,
         };
         let ckpt = match &cfg.checkpoint {
-            Some(path) => Some(checkpoint::Checkpoint::open(path, job, n, floats)?),
+            Some(path) => Some(checkpoint::Checkpoint::open(path, job, shape)?),
             None => None,
         };
         let mut server = Self {
@@ -155,10 +159,11 @@ impl<T: Transport> Server<T> {
             self.arena.restore(key, &saved.model[at..at + n], round);
             self.tensors
                 .policy(key)
-                .resume(round, saved.min_clocks[key as usize]);
+                .resume(round, &saved.clocks[key as usize]);
             self.tensors.progressed(key);
             at += n;
         }
+        self.tensors.resume(&saved.rounds);
         self.stats.rounds = self.tensors.job_rounds();
         self.checkpointed = self.stats.rounds;
         self.stats.resumed_at = self.stats.rounds;
@@ -182,12 +187,15 @@ impl<T: Transport> Server<T> {
         if !(due || force && self.stats.rounds > self.checkpointed) {
             return Ok(());
         }
-        let mins: Vec<Clock> = (0..self.tensors.len() as Key)
-            .map(|k| self.tensors.policy(k).min_clock())
+        let clocks: Vec<Vec<Clock>> = (0..self.tensors.len() as Key)
+            .map(|k| self.tensors.policy(k).clocks())
             .collect();
-        c.save(&self.arena, &mins)?;
         self.checkpointed = self.stats.rounds;
-        self.stats.checkpoints += 1;
+        match c.save(&self.arena, &clocks) {
+            Ok(_) => self.stats.checkpoints += 1,
+            // A full or failing disk costs the checkpoint, not the run: the previous one stays.
+            Err(e) => eprintln!("hetsync server: warning: {e}; training goes on"),
+        }
         Ok(())
     }
 

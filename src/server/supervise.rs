@@ -34,6 +34,11 @@ impl<T: Transport> Server<T> {
                     self.tensors.policy(key).start(now);
                     self.drive(key, now)?;
                 }
+                if !self.tensors.started() {
+                    // Nobody is here (the first to join left): wait for the next to come.
+                    self.supervisor.first_join = None;
+                    return Ok(());
+                }
                 let n = self.tensors.members();
                 self.started = Some(now);
                 self.log(format_args!(
@@ -45,23 +50,29 @@ impl<T: Transport> Server<T> {
         if self.started.is_none() {
             return Ok(());
         }
-        // The longest wait over every part, and who it is for.
-        let mut oldest: Option<Instant> = None;
-        let mut who: Vec<Rank> = Vec::new();
+        // Each awaited worker with its longest wait over the parts.
+        let mut waits: Vec<(Rank, Instant)> = Vec::new();
         for key in 0..self.tensors.len() as Key {
-            if let Some((since, ranks)) = self.tensors.policy(key).awaited() {
-                oldest = Some(oldest.map_or(since, |o| o.min(since)));
-                who.extend(ranks);
+            for (rank, since) in self.tensors.policy(key).awaited() {
+                match waits.iter_mut().find(|(r, _)| *r == rank) {
+                    Some(w) => w.1 = w.1.min(since),
+                    None => waits.push((rank, since)),
+                }
             }
         }
-        let Some(since) = oldest else {
+        let Some(since) = waits.iter().map(|w| w.1).min() else {
             return Ok(());
         };
-        who.sort_unstable();
-        who.dedup();
+        waits.sort_unstable();
+        let who: Vec<Rank> = waits.iter().map(|w| w.0).collect();
         let waited = now.saturating_duration_since(since);
-        if let Some(limit) = self.cfg.evict_after.filter(|&l| waited >= l) {
-            for &rank in &who {
+        if let Some(limit) = self.cfg.evict_after {
+            let mut evicted = false;
+            for &(rank, since) in &waits {
+                let waited = now.saturating_duration_since(since);
+                if waited < limit {
+                    continue;
+                }
                 let why = format!(
                     "evicted: the others waited {:.1} s for its push (--evict-after-ms {})",
                     waited.as_secs_f64(),
@@ -70,8 +81,11 @@ impl<T: Transport> Server<T> {
                 self.log(format_args!("evicting worker {rank}: {why}"));
                 self.stats.evicted += 1;
                 self.transport.disconnect(&mut self.arena, rank, &why);
+                evicted = true;
             }
-            return Ok(());
+            if evicted {
+                return Ok(());
+            }
         }
         if waited >= NAME_AWAITED_AFTER
             && self

@@ -197,6 +197,29 @@ impl Tensors {
         }
     }
 
+    /// Continues key rounds from a checkpoint whose parts were at `rounds`: each key has
+    /// completed its slowest part's rounds, and the rounds its faster parts closed beyond that
+    /// are counted as closed by them (without participants: they were before the restart).
+    pub fn resume(&mut self, rounds: &[Clock]) {
+        for (t, k) in self.keys.iter_mut().enumerate() {
+            let mine: Vec<Clock> = self
+                .parts
+                .of_tensor(t)
+                .map(|p| rounds[p as usize])
+                .collect();
+            k.closed = mine.iter().copied().min().unwrap_or(0);
+            k.open.clear();
+            for &r in &mine {
+                for at in 0..(r - k.closed) as usize {
+                    while k.open.len() <= at {
+                        k.open.push_back(Assembly::default());
+                    }
+                    k.open[at].parts_closed += 1;
+                }
+            }
+        }
+    }
+
     /// Part `key` closed `round` with `participants` (`missing` workers left out) because of
     /// `cause`, with the late gradients `folded` in. Returns the key round this completes, if
     /// any (key rounds complete in order).
@@ -324,6 +347,30 @@ mod tests {
             .unwrap();
         assert_eq!(done.participants, vec![0]);
         assert_eq!(done.missing, 3);
+    }
+
+    #[test]
+    fn key_rounds_go_on_after_a_resume_with_parts_at_different_rounds() {
+        // Tensor 0 has three parts, at rounds 1000, 1001 and 1000 in the checkpoint: part 1
+        // had closed round 1000 (0-based) already, the others had not.
+        let mut t = Tensors::new(Parts::new(&[600], 1024).unwrap(), SyncMode::NAIVE, 1);
+        t.resume(&[1000, 1001, 1000]);
+        assert_eq!(
+            t.part_closed(0, 1000, &[0], 0, CloseCause::AllArrived, vec![]),
+            None
+        );
+        let done = t.part_closed(2, 1000, &[0], 0, CloseCause::AllArrived, vec![]);
+        assert_eq!(
+            done.map(|k| k.round),
+            Some(1000),
+            "part 1 closed 1000 before the crash"
+        );
+        // Then every part closes 1001 and the key round completes: nothing piles up.
+        for p in 0..3 {
+            let r = t.part_closed(p, 1001, &[0], 0, CloseCause::AllArrived, vec![]);
+            assert_eq!(r.map(|k| k.round), (p == 2).then_some(1001));
+        }
+        assert!(t.keys[0].open.is_empty());
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Barrier {
     deadline: Option<Instant>,
     /// When the current round got its first push.
     opened: Option<Instant>,
+    /// When each worker was last sent a model (joined, or its round closed).
+    served_at: Vec<Option<Instant>>,
     /// The learnt timeout, in `Adaptive` mode.
     adaptive: Option<AdaptiveTimeout>,
     actions: VecDeque<Action>,
@@ -60,6 +62,7 @@ impl Barrier {
             n_arrived: 0,
             deadline: None,
             opened: None,
+            served_at: vec![None; workers],
             adaptive: match mode {
                 BarrierMode::Adaptive(cap) => Some(AdaptiveTimeout::new(cap, workers)),
                 _ => None,
@@ -68,7 +71,8 @@ impl Barrier {
         }
     }
 
-    fn serve(&mut self, rank: Rank) {
+    fn serve(&mut self, rank: Rank, now: Instant) {
+        self.served_at[rank as usize] = Some(now);
         self.actions.push_back(Action::Serve {
             rank,
             clock: self.round,
@@ -114,7 +118,7 @@ impl Barrier {
         self.deadline = None;
         self.opened = None;
         for rank in participants {
-            self.serve(rank);
+            self.serve(rank, now);
         }
     }
 }
@@ -140,45 +144,57 @@ impl Policy for Barrier {
         self.member.iter().filter(|&&m| m).count()
     }
 
+    /// Every worker is at the round.
+    fn clocks(&self) -> Vec<Clock> {
+        vec![self.round; self.member.len()]
+    }
+
     /// Continues at round `round` (for a barrier its rounds are its clock).
-    fn resume(&mut self, round: Clock, _min_clock: Clock) {
+    fn resume(&mut self, round: Clock, _clocks: &[Clock]) {
         self.round = round;
     }
 
     /// Starts rounds with the workers present.
-    fn start(&mut self, _now: Instant) {
+    fn start(&mut self, now: Instant) {
         if self.started || !self.member.contains(&true) {
             return;
         }
         self.started = true;
         for w in 0..self.member.len() {
             if self.member[w] {
-                self.serve(w as Rank);
+                self.serve(w as Rank, now);
             }
         }
     }
 
-    /// Members that have not pushed in a round that others have, since its first push.
-    fn awaited(&self) -> Option<(Instant, Vec<Rank>)> {
-        let since = self.opened?;
-        let who: Vec<Rank> = (0..self.member.len())
+    /// Members that have not pushed in a round that others have, each since the later of the
+    /// round's first push and when it was last sent a model.
+    fn awaited(&self) -> Vec<(Rank, Instant)> {
+        let Some(opened) = self.opened else {
+            return Vec::new();
+        };
+        (0..self.member.len())
             .filter(|&w| self.member[w] && !self.arrived[w])
-            .map(|w| w as Rank)
-            .collect();
-        (!who.is_empty()).then_some((since, who))
+            .map(|w| {
+                (
+                    w as Rank,
+                    self.served_at[w].map_or(opened, |t| t.max(opened)),
+                )
+            })
+            .collect()
     }
 
     /// Worker `rank` joined. Until every worker has joined once, nobody gets the model; after
     /// that, a (re)joining worker gets the current model at once.
-    fn on_join(&mut self, rank: Rank, _now: Instant) {
+    fn on_join(&mut self, rank: Rank, now: Instant) {
         let r = rank as usize;
         self.member[r] = true;
         if self.started {
-            self.serve(rank);
+            self.serve(rank, now);
         } else if self.member.iter().all(|&m| m) {
             self.started = true;
             for w in 0..self.member.len() {
-                self.serve(w as Rank);
+                self.serve(w as Rank, now);
             }
         }
     }
@@ -234,7 +250,7 @@ impl Policy for Barrier {
                 clock,
                 round: self.round,
             });
-            self.serve(rank);
+            self.serve(rank, now);
             return Ok(());
         }
         if self.arrived[r] {

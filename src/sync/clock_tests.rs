@@ -477,12 +477,36 @@ fn start_serves_those_present_and_awaited_names_the_slowest_while_reads_are_held
     assert_eq!(actions(&mut p), vec![serve(0, 0, 0), serve(1, 0, 0)]);
     p.on_push(0, 0, t(2)).unwrap();
     let _ = actions(&mut p);
-    assert_eq!(p.awaited(), Some((t(2), vec![1])));
+    assert_eq!(p.awaited(), vec![(1, t(2))]);
     p.on_join(2, t(3));
     assert_eq!(actions(&mut p), vec![serve(2, 0, 0)]);
-    assert_eq!(p.awaited(), Some((t(2), vec![1, 2])));
+    // A newcomer is awaited only from when it got its model.
+    assert_eq!(p.awaited(), vec![(1, t(2)), (2, t(3))]);
     p.on_push(1, 0, t(4)).unwrap();
     p.on_push(2, 0, t(5)).unwrap();
     let _ = actions(&mut p);
-    assert_eq!(p.awaited(), None, "no read is held");
+    assert_eq!(p.awaited(), vec![], "no read is held");
+}
+
+#[test]
+fn a_resume_puts_every_worker_back_at_its_own_clock() {
+    let mut p = VectorClock::new(Some(2), 2);
+    p.resume(40, &[5, 7]);
+    p.on_join(0, t(0));
+    p.on_join(1, t(0));
+    assert_eq!(actions(&mut p), vec![serve(0, 5, 5), serve(1, 7, 5)]);
+    assert_eq!(p.round(), 40);
+    // Their own numbering starts at 0 again; worker 1's clock 7 is not asked for twice.
+    p.on_push(1, 0, t(1)).unwrap();
+    assert_eq!(actions(&mut p), vec![Action::Apply { rank: 1, clock: 7 }]);
+    assert_eq!(p.clocks(), vec![5, 8]);
+    p.on_push(0, 0, t(2)).unwrap();
+    assert_eq!(
+        actions(&mut p),
+        vec![
+            Action::Apply { rank: 0, clock: 5 },
+            serve(0, 6, 6),
+            serve(1, 8, 6)
+        ]
+    );
 }

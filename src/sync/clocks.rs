@@ -42,6 +42,8 @@ pub struct VectorClock {
     waiting: Vec<bool>,
     /// Per worker, since when its read is held (after a push).
     held_since: Vec<Option<Instant>>,
+    /// Per worker, when its last read was served.
+    served_at: Vec<Option<Instant>>,
     /// The slowest member's clock (the last known one when nobody is in the job).
     min: Clock,
     applied: Clock,
@@ -60,6 +62,7 @@ impl VectorClock {
             base: vec![0; workers],
             waiting: vec![false; workers],
             held_since: vec![None; workers],
+            served_at: vec![None; workers],
             min: 0,
             applied: 0,
             actions: VecDeque::new(),
@@ -87,11 +90,12 @@ impl VectorClock {
     }
 
     /// Serves every held read the bound now allows, in rank order.
-    fn release(&mut self) {
+    fn release(&mut self, now: Instant) {
         for w in 0..self.waiting.len() {
             if self.waiting[w] && self.allowed(self.clock[w]) {
                 self.waiting[w] = false;
                 self.held_since[w] = None;
+                self.served_at[w] = Some(now);
                 self.actions.push_back(Action::Serve {
                     rank: w as Rank,
                     clock: self.clock[w],
@@ -105,29 +109,29 @@ impl VectorClock {
 impl Policy for VectorClock {
     /// Worker `rank` joined. Once every worker has joined, everyone reads at clock 0; a worker
     /// joining after that starts at the slowest member's clock and reads at once.
-    fn on_join(&mut self, rank: Rank, _now: Instant) {
+    fn on_join(&mut self, rank: Rank, now: Instant) {
         let r = rank as usize;
         self.member[r] = true;
         if self.started {
             self.clock[r] = self.min;
             self.base[r] = self.min;
             self.waiting[r] = true;
-            self.release();
+            self.release(now);
         } else if self.member.iter().all(|&m| m) {
             self.started = true;
             self.waiting.iter_mut().for_each(|w| *w = true);
-            self.release();
+            self.release(now);
         }
     }
 
     /// Worker `rank` left: it no longer holds the slowest clock back, so held reads may go.
-    fn on_leave(&mut self, rank: Rank, _now: Instant) {
+    fn on_leave(&mut self, rank: Rank, now: Instant) {
         let r = rank as usize;
         self.member[r] = false;
         self.waiting[r] = false;
         self.held_since[r] = None;
         self.update_min();
-        self.release();
+        self.release(now);
     }
 
     /// Worker `rank` pushed at its clock `clock` (its own numbering): applied at once, and its
@@ -162,7 +166,7 @@ impl Policy for VectorClock {
         self.waiting[r] = true;
         self.held_since[r] = Some(now);
         self.update_min();
-        self.release();
+        self.release(now);
         Ok(())
     }
 
@@ -195,17 +199,30 @@ impl Policy for VectorClock {
         self.member.iter().filter(|&&m| m).count()
     }
 
-    /// Continues with `round` pushes applied and every worker at clock `min_clock` (in its own
-    /// numbering, 0 again).
-    fn resume(&mut self, round: Clock, min_clock: Clock) {
+    /// Members at their clocks; others at the slowest member's, where they would rejoin.
+    fn clocks(&self) -> Vec<Clock> {
+        (0..self.member.len())
+            .map(|w| {
+                if self.member[w] {
+                    self.clock[w]
+                } else {
+                    self.min
+                }
+            })
+            .collect()
+    }
+
+    /// Continues with `round` pushes applied and each worker at its saved clock (in its own
+    /// numbering, 0 again): no push the model holds is asked for twice.
+    fn resume(&mut self, round: Clock, clocks: &[Clock]) {
         self.applied = round;
-        self.min = min_clock;
-        self.clock.fill(min_clock);
-        self.base.fill(min_clock);
+        self.clock.copy_from_slice(clocks);
+        self.base.copy_from_slice(clocks);
+        self.min = clocks.iter().copied().min().unwrap_or(0);
     }
 
     /// Starts with the workers present: each reads at clock 0.
-    fn start(&mut self, _now: Instant) {
+    fn start(&mut self, now: Instant) {
         if self.started || !self.member.contains(&true) {
             return;
         }
@@ -213,16 +230,18 @@ impl Policy for VectorClock {
         for w in 0..self.member.len() {
             self.waiting[w] = self.member[w];
         }
-        self.release();
+        self.release(now);
     }
 
-    /// The slowest workers, while reads are held for them, since the oldest held read.
-    fn awaited(&self) -> Option<(Instant, Vec<Rank>)> {
-        let since = self.held_since.iter().flatten().min().copied()?;
-        let who: Vec<Rank> = (0..self.member.len())
+    /// The slowest workers while reads are held for them, each since the later of the oldest
+    /// held read and when it was last served.
+    fn awaited(&self) -> Vec<(Rank, Instant)> {
+        let Some(held) = self.held_since.iter().flatten().min().copied() else {
+            return Vec::new();
+        };
+        (0..self.member.len())
             .filter(|&w| self.member[w] && !self.waiting[w] && self.clock[w] == self.min)
-            .map(|w| w as Rank)
-            .collect();
-        (!who.is_empty()).then_some((since, who))
+            .map(|w| (w as Rank, self.served_at[w].map_or(held, |t| t.max(held))))
+            .collect()
     }
 }

@@ -51,15 +51,20 @@ pub trait Policy: std::fmt::Debug + Send {
     /// like workers that reconnect. No-op once started or while nobody is present.
     fn start(&mut self, now: Instant);
 
-    /// Continues from a checkpoint, before anyone joined: the part's model is at `round`
-    /// (updates applied) and every worker had completed `min_clock` rounds or clocks; workers
-    /// (re)joining start there.
-    fn resume(&mut self, round: Clock, min_clock: Clock);
+    /// Every worker's clock, for a checkpoint: how many rounds or clocks it has completed on
+    /// this part (a worker not in the job counts as the slowest member, where it would rejoin).
+    fn clocks(&self) -> Vec<Clock>;
 
-    /// The workers everyone is waiting for, and since when: members that have not pushed in a
-    /// round others have (barrier), or the slowest workers while reads are held for them
-    /// (vector clock). `None` while nobody waits.
-    fn awaited(&self) -> Option<(Instant, Vec<Rank>)>;
+    /// Continues from a checkpoint, before anyone joined: the part's model is at `round`
+    /// (updates applied) and each worker had completed `clocks[rank]`; workers (re)joining
+    /// start there, their own numbering at 0 again.
+    fn resume(&mut self, round: Clock, clocks: &[Clock]);
+
+    /// The workers everyone is waiting for, each with since when: members that have not pushed
+    /// in a round others have (barrier), or the slowest workers while reads are held for them
+    /// (vector clock); a worker counts only from when it was last sent a model. Empty while
+    /// nobody waits.
+    fn awaited(&self) -> Vec<(Rank, Instant)>;
 
     /// Workers currently in the job.
     fn members(&self) -> usize;

@@ -107,6 +107,16 @@ impl Connection {
             self.got = 0;
             let h = Header::decode(&self.hdr)?;
             protocol::check_len(&h, self.joined.then_some(parts))?;
+            // A hello is bounded by this job, not only by the protocol's largest: it lists this
+            // job's tensors (with some room, so a worker with a different count hears which).
+            let hello_max = (16 + 8 * (parts.dims().len() + 64) + protocol::NONCE_LEN) as u64;
+            if h.kind == FrameKind::Hello && h.len > hello_max {
+                return Err(ProtocolError::TooLong {
+                    kind: h.kind,
+                    len: h.len,
+                    max: hello_max,
+                });
+            }
             let when = match (self.joined, h.kind) {
                 (_, FrameKind::Welcome | FrameKind::Model | FrameKind::Challenge) => {
                     Some("from a worker")
@@ -154,7 +164,11 @@ impl Connection {
                 self.hello_seen = true;
                 Frame::Hello(Hello::decode(&std::mem::take(&mut self.ctrl))?)
             }
-            FrameKind::Auth => Frame::Auth(self.ctrl[..].try_into().expect("length checked")),
+            FrameKind::Auth => {
+                // One answer per challenge: another Auth is now a violation.
+                self.awaiting_auth = false;
+                Frame::Auth(self.ctrl[..].try_into().expect("length checked"))
+            }
             FrameKind::Status => {
                 self.hello_seen = true;
                 Frame::Status(self.ctrl[..].try_into().ok())
@@ -303,11 +317,33 @@ mod tests {
                 vec![Frame::Auth([9; protocol::PROOF_LEN])]
             );
         }
+        // One answer per challenge.
+        let mut d = Connection::new();
+        feed(&mut d, &hs, &[], &mut slots()).unwrap();
+        d.set_awaiting_auth();
+        let twice = [auth.clone(), auth.clone()].concat();
+        let again = feed(&mut d, &twice, &[], &mut slots()).unwrap_err();
+        assert!(matches!(
+            again,
+            ProtocolError::Unexpected {
+                when: "without a challenge",
+                ..
+            }
+        ));
         let wrong = control_frame(FrameKind::Auth, 0, 0, &[9; 31]);
         assert!(
             feed(&mut c, &wrong, &[], &mut slots()).is_err(),
             "a proof of the wrong size"
         );
+    }
+
+    #[test]
+    fn a_hello_is_bounded_by_the_job_before_its_payload_is_allocated() {
+        let mut c = Connection::new();
+        let big = Header::new(FrameKind::Hello, 0, 0, 100_000).encode();
+        let e = feed(&mut c, &big, &[], &mut slots()).unwrap_err();
+        assert!(matches!(e, ProtocolError::TooLong { .. }), "{e:?}");
+        assert!(c.ctrl.capacity() < 100_000, "allocated before checking");
     }
 
     #[test]

@@ -31,6 +31,21 @@ fn exhausted(e: &io::Error) -> bool {
     )
 }
 
+/// The source a per-address limit counts: an IPv4 address (IPv4-mapped ones too), or an
+/// IPv6 address's /64, which one host usually owns whole.
+fn source(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.into(),
+            None => {
+                let s = v6.segments();
+                std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0).into()
+            }
+        },
+        v4 => v4,
+    }
+}
+
 impl ServerEnd {
     /// Accepts every waiting connection, dropping the oldest pending ones beyond the limits.
     pub(super) fn accept_all(&mut self, arena: &mut Arena) {
@@ -88,7 +103,9 @@ impl ServerEnd {
                 challenged: None,
                 close_when_sent: false,
             });
-            let evicted = self.admission.accepted(idx, addr.ip(), Instant::now());
+            let evicted = self
+                .admission
+                .accepted(idx, source(addr.ip()), Instant::now());
             for (victim, why) in evicted {
                 let reason = why.reason(self.admission.limits());
                 self.refuse(arena, victim, &reason);
@@ -166,5 +183,21 @@ impl ServerEnd {
         .into_iter()
         .flatten()
         .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source;
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_slash_64_and_mapped_ipv4_as_ipv4() {
+        let a: std::net::IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source(a), source(b));
+        assert_ne!(source(a), source(c));
+        let m: std::net::IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert_eq!(source(m), "10.0.0.7".parse::<std::net::IpAddr>().unwrap());
     }
 }

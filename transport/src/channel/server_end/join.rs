@@ -92,10 +92,10 @@ impl ServerEnd {
     /// The worker answered the challenge: admit its hello if the proof holds.
     pub(super) fn on_auth(&mut self, arena: &mut Arena, idx: usize, proof: &[u8]) {
         let p = self.peers[idx].as_mut().expect("live peer");
-        let c = p
-            .challenged
-            .take()
-            .expect("auth frames only after a challenge");
+        let Some(c) = p.challenged.take() else {
+            // The connection admits one answer per challenge; keep the server alive regardless.
+            return self.refuse(arena, idx, "a second answer to one challenge");
+        };
         let secret = self.secret.as_ref().expect("challenges only with a secret");
         let bound = c.hello.as_ref().map_or(STATUS.to_vec(), Hello::encode);
         if !secret.verify_worker(&c.ours, &c.theirs, &bound, proof) {
