@@ -26,7 +26,8 @@ use std::time::Instant;
 use super::{Action, Policy, SyncError};
 use crate::{Clock, Rank};
 
-/// The vector-clock policy of one part. See the [module documentation](self).
+/// The vector-clock policy of one part: BSP, SSP or ASP by its staleness bound (see the
+/// [`sync`](crate::sync) module).
 #[derive(Debug)]
 pub struct VectorClock {
     /// `None`: ASP, no bound.
