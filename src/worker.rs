@@ -189,16 +189,25 @@ pub fn run(
     }
 }
 
+/// Whether a refusal met while reconnecting may pass: the server is crowded with connections
+/// still in their handshake, or has not yet seen this rank's old connection die.
+fn transient(e: &LinkError) -> bool {
+    matches!(e, LinkError::Refused { reason, .. }
+        if ["too many connections", "no complete handshake", "is already connected"]
+            .iter()
+            .any(|r| reason.contains(r)))
+}
+
 /// Connects again after the connection was lost. A connection that is lost again during the
-/// handshake (e.g. accepted into a dying server's backlog, then reset) is retried too, with
-/// back-off, for `connect_wait` in all.
+/// handshake (e.g. accepted into a dying server's backlog, then reset), or refused for a reason
+/// that passes ([`transient`]), is retried too, with back-off, for `connect_wait` in all.
 fn reconnect(cfg: &WorkerConfig, stop: &AtomicBool) -> Result<Client, LinkError> {
     let deadline = std::time::Instant::now() + cfg.connect_wait;
     let mut pause = Duration::from_millis(50);
     loop {
         match connect(cfg) {
             Err(e)
-                if lost(&e)
+                if (lost(&e) || transient(&e))
                     && std::time::Instant::now() < deadline
                     && !stop.load(Ordering::Relaxed) =>
             {
@@ -253,6 +262,27 @@ fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_refusals_that_pass_are_retried_on_reconnect() {
+        let refused = |reason: &str| LinkError::Refused {
+            peer: "s".into(),
+            reason: reason.into(),
+        };
+        assert!(transient(&refused(
+            "too many connections without a handshake (the 256 allowed; the oldest goes)"
+        )));
+        assert!(transient(&refused(
+            "rank 3 is already connected (each worker needs its own --rank)"
+        )));
+        assert!(!transient(&refused("authentication failed: wrong secret")));
+        assert!(!transient(&refused(
+            "evicted: the others waited 3.0 s for its push"
+        )));
+        assert!(!transient(&refused(
+            "tensor size mismatch: tensor 0 has 5 floats"
+        )));
+    }
 
     #[test]
     fn targets_are_fixed_by_seed_and_rank_and_bounded() {
