@@ -61,6 +61,9 @@ pub enum Completed {
     Recv {
         /// Bytes received.
         len: u32,
+        /// The rkey the send invalidated ([`SendOp::SendWithInv`](crate::SendOp::SendWithInv)),
+        /// if it did.
+        invalidated: Option<u32>,
     },
     /// A peer's RDMA_WRITE_WITH_IMM landed; it consumed a posted receive.
     RecvRdmaWithImm {
@@ -69,6 +72,10 @@ pub enum Completed {
         /// The immediate, in host order.
         imm: u32,
     },
+    /// A memory window was bound.
+    Bind,
+    /// An rkey was invalidated.
+    LocalInv,
     /// Another opcode (reported as its `ibv_wc_opcode` value).
     Other(u32),
 }
@@ -216,12 +223,35 @@ impl CompletionQueue {
     }
 }
 
+/// The rkey a received send invalidated, if it did.
+///
+/// libibverbs says so with `IBV_WC_WITH_INV` (bit 3). Providers that complete through the kernel
+/// (rxe, siw) pass on the kernel's own flag, `IB_WC_WITH_INVALIDATE`, which is bit 2 (where
+/// libibverbs has `IBV_WC_IP_CSUM_OK`): verified on rxe, where a SEND_WITH_INV completes with
+/// flags 0x5 and the key in the union. So either bit counts, unless the receive carried an
+/// immediate (the union then holds that). A receiver checks the key against those it lent: a
+/// send that invalidated nothing cannot name a key it holds.
+fn invalidated(wc: &ibv_wc) -> Option<u32> {
+    const WITH_IMM: u32 = ibv_wc_flags::IBV_WC_WITH_IMM.0;
+    const WITH_INV: u32 = ibv_wc_flags::IBV_WC_WITH_INV.0;
+    const KERNEL_WITH_INVALIDATE: u32 = 1 << 2;
+    let flags = wc.wc_flags;
+    // SAFETY: both union members are a u32; without an immediate it is the rkey.
+    let rkey = unsafe { wc.imm_data_invalidated_rkey_union.invalidated_rkey };
+    (flags & WITH_IMM == 0 && flags & (WITH_INV | KERNEL_WITH_INVALIDATE) != 0).then_some(rkey)
+}
+
 fn convert(wc: &ibv_wc) -> Completion {
     let result = if wc.status == ibv_wc_status::IBV_WC_SUCCESS {
         Ok(match wc.opcode {
             ibv_wc_opcode::IBV_WC_SEND => Completed::Send,
             ibv_wc_opcode::IBV_WC_RDMA_WRITE => Completed::RdmaWrite,
-            ibv_wc_opcode::IBV_WC_RECV => Completed::Recv { len: wc.byte_len },
+            ibv_wc_opcode::IBV_WC_RECV => Completed::Recv {
+                len: wc.byte_len,
+                invalidated: invalidated(wc),
+            },
+            ibv_wc_opcode::IBV_WC_BIND_MW => Completed::Bind,
+            ibv_wc_opcode::IBV_WC_LOCAL_INV => Completed::LocalInv,
             ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM => Completed::RecvRdmaWithImm {
                 len: wc.byte_len,
                 // SAFETY: both union members are a u32; the immediate travels big-endian.

@@ -72,6 +72,13 @@ impl Access {
     pub const REMOTE_WRITE: Access = Access(ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0);
     /// Peers may RDMA-read from the region.
     pub const REMOTE_READ: Access = Access(ibv_access_flags::IBV_ACCESS_REMOTE_READ.0);
+    /// Memory windows may be bound over the region ([`MemoryWindow`](crate::MemoryWindow)).
+    pub const MW_BIND: Access = Access(ibv_access_flags::IBV_ACCESS_MW_BIND.0);
+
+    /// The `ibv_access_flags` bits.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
 }
 
 impl BitOr for Access {
@@ -230,6 +237,11 @@ impl<M: RegisteredMemory> MemoryRegion<M> {
     pub fn lkey(&self) -> u32 {
         // SAFETY: `mr` is a live registration until Drop.
         unsafe { (*self.mr).lkey }
+    }
+
+    /// The raw registration, for binding windows over it.
+    pub(crate) fn raw(&self) -> *mut ibv_mr {
+        self.mr
     }
 
     /// The key peers use to access the region.

@@ -63,6 +63,9 @@ pub enum SendOp {
     WriteWithImm(u32),
     /// Two-sided send into the peer's next posted receive buffer.
     Send,
+    /// A send that also invalidates the peer's memory window with this rkey as it arrives (the
+    /// peer's receive completion names the key): the sender gives back its right to write.
+    SendWithInv(u32),
 }
 
 /// A reliable-connected queue pair. Destroyed before its CQs and PD (it holds them).
@@ -287,6 +290,10 @@ impl QueuePair {
                 ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM
             }
             SendOp::Send => ibv_wr_opcode::IBV_WR_SEND,
+            SendOp::SendWithInv(rkey) => {
+                wr.imm_data_invalidated_rkey_union.invalidated_rkey = rkey;
+                ibv_wr_opcode::IBV_WR_SEND_WITH_INV
+            }
         };
         if let Some((buf, offset)) = remote {
             wr.wr.rdma = rdma_t {
@@ -294,16 +301,37 @@ impl QueuePair {
                 rkey: buf.rkey,
             };
         } else {
-            assert_eq!(op, SendOp::Send, "a write needs a remote buffer");
+            assert!(
+                matches!(op, SendOp::Send | SendOp::SendWithInv(_)),
+                "a write needs a remote buffer"
+            );
         }
+        // The caller keeps the local bytes valid until the completion.
+        self.post(&mut wr, &format!("ibv_post_send({op:?})"))
+    }
+
+    /// Posts one send-queue request. `wr` and whatever it points to (its scatter entry) need
+    /// only live for the call: the provider copies the request.
+    pub(crate) fn post(&self, wr: &mut ibv_send_wr, what: &str) -> Result<(), VerbsError> {
         let mut bad = std::ptr::null_mut();
-        // SAFETY: the QP is live; `wr` and `sge` are valid for the call (the NIC copies the
-        // request); the caller keeps the local bytes valid until the completion.
-        let rc = unsafe { ibv_post_send(self.qp, &mut wr, &mut bad) };
+        // SAFETY: the QP is live; `wr` is a single valid request (next is null) whose pointers
+        // are valid for the call.
+        let rc = unsafe { ibv_post_send(self.qp, wr, &mut bad) };
         if rc != 0 {
-            return Err(call(format!("ibv_post_send({op:?})"), &self.device, rc));
+            return Err(call(what, &self.device, rc));
         }
         Ok(())
+    }
+
+    /// Moves the queue pair to the error state: every request still outstanding on it
+    /// completes, flushed (`IBV_WC_WR_FLUSH_ERR`), and nothing more is sent or received. How a
+    /// request that will not complete in time is cancelled: once its flushed completion is
+    /// polled, the NIC is done with its buffer.
+    pub fn cancel_all(&self) -> Result<(), VerbsError> {
+        // SAFETY: plain data; only the state is set.
+        let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = ibv_qp_state::IBV_QPS_ERR;
+        self.modify("ERR", &mut a, ibv_qp_attr_mask::IBV_QP_STATE)
     }
 }
 

@@ -197,7 +197,13 @@ fn a_send_lands_in_a_posted_receive_buffer() {
     assert_eq!(wait_for(&l.send_cq, 1)[0].result, Ok(Completed::Send));
     let got = wait_for(&l.recv_cq, 1);
     assert_eq!(got[0].wr_id, 21);
-    assert_eq!(got[0].result, Ok(Completed::Recv { len: 777 }));
+    assert_eq!(
+        got[0].result,
+        Ok(Completed::Recv {
+            len: 777,
+            invalidated: None
+        })
+    );
     assert_eq!(&inbox.bytes()[100..877], &msg[..]);
     assert!(inbox.bytes()[..100]
         .iter()
@@ -237,6 +243,157 @@ fn a_write_past_the_registered_region_fails_with_a_remote_access_error() {
         "no byte may be written, not even in range"
     );
     drop(l.b);
+}
+
+/// Writes `source[range]` from `a` into `remote` at `offset` and returns the write's completion.
+fn write(
+    l: &Loop,
+    source: &MemoryRegion<Vec<u8>>,
+    remote: RemoteBuffer,
+    offset: u64,
+) -> Completion {
+    // SAFETY: `source` lives, unchanged, until its completion is polled here.
+    unsafe {
+        l.a.post_send(
+            1,
+            SendOp::Write,
+            source,
+            0..source.bytes().len(),
+            Some((remote, offset)),
+        )
+        .unwrap()
+    };
+    wait_for(&l.send_cq, 1).remove(0)
+}
+
+#[test]
+fn a_window_lends_a_range_and_each_invalidation_takes_it_back() {
+    let Some(l) = connected_pair() else { return };
+    // The owner's region grants peers nothing by itself: only windows bound over it do.
+    let target =
+        l.pd.register(vec![0xEEu8; 16384], Access::LOCAL_WRITE | Access::MW_BIND)
+            .unwrap();
+    let mut window = l.pd.alloc_mw().unwrap();
+    let lend = |window: &mut MemoryWindow, wr_id: u64| {
+        // SAFETY: the window is dropped (end of test) before `target`, and `target` is only read
+        // after the peer's writes completed.
+        let rkey = unsafe {
+            l.b.post_bind(wr_id, window, &target, 4096..8192, Access::REMOTE_WRITE)
+                .unwrap()
+        };
+        let done = wait_for(&l.send_cq, 1);
+        assert_eq!(
+            (done[0].wr_id, done[0].result.clone()),
+            (wr_id, Ok(Completed::Bind))
+        );
+        RemoteBuffer {
+            addr: target.address_of(&(4096..8192)),
+            len: 4096,
+            rkey,
+        }
+    };
+    let source =
+        l.pd.register(vec![0x5Au8; 4096], Access::LOCAL_WRITE)
+            .unwrap();
+
+    // Lent: the peer's write lands, exactly in the window.
+    let first = lend(&mut window, 40);
+    assert_ne!(first.rkey, target.rkey(), "a window has its own key");
+    assert_eq!(
+        write(&l, &source, first, 0).result,
+        Ok(Completed::RdmaWrite)
+    );
+    assert!(target.bytes()[4096..8192].iter().all(|&b| b == 0x5A));
+
+    // The peer gives it back with its last message, as a worker's push does.
+    let inbox = l.pd.register(vec![0u8; 64], Access::LOCAL_WRITE).unwrap();
+    let note = l.pd.register(vec![7u8; 8], Access::LOCAL_WRITE).unwrap();
+    // SAFETY: `inbox` and `note` live, untouched, until the completions are polled below.
+    unsafe {
+        l.b.post_recv(41, &inbox, 0..64).unwrap();
+        l.a.post_send(42, SendOp::SendWithInv(first.rkey), &note, 0..8, None)
+            .unwrap();
+    }
+    assert_eq!(wait_for(&l.send_cq, 1)[0].result, Ok(Completed::Send));
+    let got = wait_for(&l.recv_cq, 1);
+    assert_eq!(
+        got[0].result,
+        Ok(Completed::Recv {
+            len: 8,
+            invalidated: Some(first.rkey)
+        }),
+        "the receiver learns which key the send invalidated"
+    );
+
+    // Lent again: a new key, which works; the old one is dead.
+    let second = lend(&mut window, 43);
+    assert_ne!(second.rkey, first.rkey, "every bind gives a new key");
+    assert_eq!(
+        second.rkey >> 8,
+        first.rkey >> 8,
+        "only the low 8 bits change"
+    );
+    assert_eq!(
+        write(&l, &source, second, 0).result,
+        Ok(Completed::RdmaWrite)
+    );
+
+    // The owner takes it back itself: the next write with that key fails at the owner's NIC,
+    // and nothing is written.
+    l.b.post_local_invalidate(44, second.rkey).unwrap();
+    let done = wait_for(&l.send_cq, 1);
+    assert_eq!(
+        (done[0].wr_id, done[0].result.clone()),
+        (44, Ok(Completed::LocalInv))
+    );
+    let other =
+        l.pd.register(vec![0x99u8; 4096], Access::LOCAL_WRITE)
+            .unwrap();
+    let err = write(&l, &other, second, 0)
+        .result
+        .expect_err("a write with an invalidated key must fail");
+    assert!(
+        err.is_remote_access(),
+        "expected a remote access error, got {err}"
+    );
+    assert!(
+        target.bytes()[4096..8192].iter().all(|&b| b == 0x5A),
+        "a refused write changed the memory"
+    );
+    assert!(target.bytes()[..4096]
+        .iter()
+        .chain(&target.bytes()[8192..])
+        .all(|&b| b == 0xEE));
+    drop(window);
+}
+
+#[test]
+fn cancel_all_flushes_every_outstanding_request() {
+    let Some(l) = connected_pair() else { return };
+    for i in 0..3 {
+        l.b.post_recv_imm(60 + i).unwrap();
+    }
+    l.b.cancel_all().unwrap();
+    let got = wait_for(&l.recv_cq, 3);
+    for (i, c) in got.iter().enumerate() {
+        assert_eq!(c.wr_id, 60 + i as u64);
+        let err = c
+            .result
+            .clone()
+            .expect_err("a cancelled receive is flushed");
+        assert!(err.is_flushed(), "expected a flush, got {err}");
+    }
+    // Nothing more goes out: a send posted now completes flushed too (or is refused).
+    let note = l.pd.register(vec![1u8; 8], Access::LOCAL_WRITE).unwrap();
+    // SAFETY: `note` lives, unchanged, until its completion is polled below.
+    let posted = unsafe { l.b.post_send(61, SendOp::Send, &note, 0..8, None) };
+    if posted.is_ok() {
+        let done = wait_for(&l.send_cq, 1);
+        assert!(
+            done[0].result.as_ref().is_err_and(|e| e.is_flushed()),
+            "{done:?}"
+        );
+    }
 }
 
 /// Waits up to `timeout_ms` for `fd` to become readable.
