@@ -176,7 +176,8 @@ impl QueuePair {
         a.dest_qp_num = remote.qpn;
         a.rq_psn = remote.psn;
         a.max_dest_rd_atomic = 1;
-        a.min_rnr_timer = 12;
+        // A sender finding no receive posted here waits 40.96 ms (code 24) before each retry.
+        a.min_rnr_timer = 24;
         a.ah_attr.dlid = remote.lid;
         a.ah_attr.sl = 0;
         a.ah_attr.src_path_bits = 0;
@@ -204,7 +205,10 @@ impl QueuePair {
         a.qp_state = ibv_qp_state::IBV_QPS_RTS;
         a.timeout = 14;
         a.retry_cnt = 7;
-        a.rnr_retry = 7;
+        // Six retries, not 7 (which is "forever"): a peer that stops posting receives (a worker
+        // that never takes its models) fails this side's write in about a quarter of a second,
+        // instead of holding it, and whatever waits for it, for good.
+        a.rnr_retry = 6;
         a.sq_psn = local_psn;
         a.max_rd_atomic = 1;
         self.modify(

@@ -13,8 +13,12 @@ use std::time::{Duration, Instant};
 /// A generous bound that only catches hangs; tests never assert timings.
 pub const HANG: Duration = Duration::from_secs(120);
 
+/// The `hetsync` binary: cargo's, or `HETSYNC_BIN` where the tests run elsewhere (the guest).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_hetsync")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("HETSYNC_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hetsync").into())
+    })
 }
 
 /// A scratch directory unique to one test.

@@ -4,9 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-# The test executables cargo builds for the ffi crate.
-mapfile -t bins < <(cargo test --locked -p hetsync-ffi --no-run --message-format=json 2>/dev/null |
-  grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
+# The test executables cargo builds for the ffi crate, and the end-to-end tests of misbehaving
+# RDMA workers (they run the hetsync binary given by HETSYNC_BIN).
+mapfile -t bins < <(
+  {
+    cargo test --locked -p hetsync-ffi --no-run --message-format=json
+    cargo test --locked -p hetsync --test rdma_slots_are_lent_per_push --no-run --message-format=json
+  } 2>/dev/null | grep -o '"executable":"[^"]*/deps/[^"]*"' | cut -d'"' -f4)
 [ ${#bins[@]} -gt 0 ] || { echo "run-rdma-tests: no test binaries built" >&2; exit 1; }
 
 # The hetsync binary for the end-to-end run.
@@ -16,7 +20,7 @@ hetsync=target/debug/hetsync
 script=$(mktemp)
 trap 'rm -f "$script"' EXIT
 {
-  echo 'export HETSYNC_REQUIRE_RDMA=1 RUST_BACKTRACE=1'
+  echo 'export HETSYNC_REQUIRE_RDMA=1 RUST_BACKTRACE=1 HETSYNC_BIN=./hetsync'
   echo 'rc=0'
   for b in "${bins[@]}"; do
     name=$(basename "$b")

@@ -444,34 +444,15 @@ impl Arena {
         Ok(())
     }
 
-    /// Like [`hand_over`](Self::hand_over) for a push written by RDMA: its clock is the stamp
-    /// the worker wrote just before the data. Returns that clock.
-    pub fn hand_over_stamped(&mut self, rank: Rank, key: Key) -> Result<Clock, ArenaError> {
-        let i = self.slot_index(rank, key);
-        if self.slots[i] != SlotState::Lent {
-            return Err(ArenaError::SlotHeld { rank, key });
-        }
-        let at = shift(self.block.stamp(key), self.worker_block(rank).start);
-        // SAFETY: the worker's write completed (the caller saw its completion) and by protocol it
-        // writes this slot again only after its reply. A misbehaving RDMA peer that writes out
-        // of turn races with this read: any bit pattern is a valid u64, so it garbles only its
-        // own clock (the bytes are copied out at once).
-        let stamp = unsafe { self.bytes(at) };
-        let clock = Clock::from_le_bytes(stamp.try_into().expect("STAMP_LEN bytes"));
-        self.slots[i] = SlotState::Held { clock };
-        Ok(clock)
-    }
-
     /// Worker `rank`'s gradient of part `key`, while the server holds it.
     pub fn gradient(&self, rank: Rank, key: Key) -> Option<&[f32]> {
         if !matches!(self.slot_state(rank, key), SlotState::Held { .. }) {
             return None;
         }
-        // SAFETY: a held slot is the server's: the worker handed it over and by protocol may not
-        // write it again before its reply. On TCP only `receive_into`, which needs `&mut self`,
-        // writes slots, so nothing can. On RDMA a misbehaving peer that writes out of turn races
-        // with this read, which the protocol cannot prevent short of deregistering the slot per
-        // push; every bit pattern is a valid f32, so it garbles only its own contribution.
+        // SAFETY: a held slot is the server's: nothing can write it. On TCP only `receive_into`,
+        // which needs `&mut self`, writes slots. On RDMA a worker writes a slot only through the
+        // window the server bound over it when lending it, and the transport hands a push over
+        // only once the push's send has invalidated that window: a later write fails at the NIC.
         Some(bytemuck::cast_slice(unsafe {
             self.bytes(self.slot_data(rank, key))
         }))

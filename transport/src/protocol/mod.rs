@@ -28,7 +28,7 @@ pub mod rdma;
 
 pub use hello::{Hello, PushClock, Welcome, CHALLENGE_LEN, MAX_TENSORS, NONCE_LEN, PROOF_LEN};
 pub use parts::{Part, Parts, MAX_PARTS, MAX_PART_BYTES, MIN_PART_BYTES};
-pub use rdma::RdmaParams;
+pub use rdma::{RdmaAccept, RdmaParams, MAX_RDMA_PARTS};
 
 use thiserror::Error;
 
@@ -37,7 +37,7 @@ pub const MAGIC: [u8; 4] = *b"HSYN";
 /// Wire version; bumped on any incompatible change. Peers must match exactly.
 /// 2: partitions (the welcome carries the partition size; keys are parts), clock stamps on RDMA.
 /// 3: the welcome says what a push's clock means ([`PushClock`]: model round or worker clock).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload of a control frame (error text, RDMA parameters): far above any legitimate
@@ -65,8 +65,9 @@ pub enum FrameKind {
     Bye = 5,
     /// Either way: the sender refuses or drops the peer; payload is UTF-8 text saying why.
     Error = 6,
-    /// Either way, right after the handshake: the sender's RDMA endpoint and the buffer the
-    /// other side may write ([`RdmaParams`]). From the server, an empty payload means "no RDMA
+    /// Either way, right after the handshake: the worker's RDMA endpoint and model buffer
+    /// ([`RdmaParams`]), and the server's answer ([`RdmaAccept`]: its endpoint, and the keys of
+    /// the windows over the worker's slots). From the server, an empty payload means "no RDMA
     /// here: carry on over TCP"; from the worker, an empty payload after the server's answer means
     /// "my queue pair is connected and my receives are posted": only then has it joined.
     RdmaConnect = 7,
@@ -289,7 +290,9 @@ pub fn check_len(h: &Header, parts: Option<&Parts>) -> Result<(), ProtocolError>
         }
         FrameKind::Hello => Hello::MAX_LEN as u64,
         FrameKind::Status => MAX_STATUS_REPORT,
-        FrameKind::Error | FrameKind::RdmaConnect => MAX_CONTROL_PAYLOAD,
+        FrameKind::Error => MAX_CONTROL_PAYLOAD,
+        // The server's answer carries a key per part; a worker's offer is only RdmaParams::LEN.
+        FrameKind::RdmaConnect => MAX_CONTROL_PAYLOAD.max(RdmaAccept::len(MAX_RDMA_PARTS) as u64),
     };
     if h.len > max {
         return Err(ProtocolError::TooLong {

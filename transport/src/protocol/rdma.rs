@@ -1,12 +1,20 @@
 //! What the RDMA transport agrees on over the control connection: queue-pair endpoints, one
-//! writable buffer each way, and where each part lives in it ([`BlockLayout`]).
+//! buffer each way, and where each part lives in it ([`BlockLayout`]).
 //!
-//! A write of part `k` is two work requests on one RC queue pair, delivered in order: an RDMA
-//! WRITE of the 8-byte clock stamp into the stamp table at [`BlockLayout::stamp`], then an
-//! RDMA_WRITE_WITH_IMM of the data at [`BlockLayout::data`] whose immediate is `k` itself. The
-//! receiver's completion for the second therefore finds the stamp already in place: clocks are
-//! exact 64-bit values and a job may have up to [`MAX_PARTS`](super::MAX_PARTS) parts, with any
-//! number of workers.
+//! A model of part `k` (server to worker) is two work requests on one RC queue pair, delivered
+//! in order: an RDMA WRITE of the 8-byte clock stamp into the stamp table at
+//! [`BlockLayout::stamp`], then an RDMA_WRITE_WITH_IMM of the data at [`BlockLayout::data`]
+//! whose immediate is [`model_imm`]: `k`, and the key byte of the worker's window over its
+//! slot of `k`. The worker's completion for the second therefore finds the stamp in place.
+//!
+//! A push of part `k` (worker to server) writes only while the slot is the worker's: the server
+//! lends it by binding a memory window over that one slot ([`RdmaAccept::windows`] has each
+//! window's key, and every model's immediate the byte that changes at each lend), and the push
+//! gives it back. The push is an RDMA WRITE of the data through the window, then a
+//! SEND_WITH_INV of the 8-byte clock stamp that invalidates the window as it arrives: from then
+//! on a write into that slot fails at the server's NIC, and the server reads the gradient with
+//! nothing able to change it. Clocks are exact 64-bit values; parts are numbered in 24 bits
+//! ([`MAX_PARTS`](super::MAX_PARTS)), and a job over RDMA has at most [`MAX_RDMA_PARTS`].
 
 use std::ops::Range;
 
@@ -84,8 +92,9 @@ impl BlockLayout {
     }
 }
 
-/// One side's RDMA endpoint and the buffer (laid out as [`BlockLayout`]) the other side may
-/// write: the worker offers its model buffer, the server the slot block of that worker.
+/// One side's RDMA endpoint and its buffer, laid out as [`BlockLayout`]: the worker offers its
+/// model buffer (with the rkey the server writes models through); the server answers with the
+/// slot block of that worker (whose rkey is 0: the worker writes only through windows).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdmaParams {
     /// Queue pair number.
@@ -123,20 +132,30 @@ impl RdmaParams {
 
     /// Decodes the payload; rejects anything but exactly [`RdmaParams::LEN`] bytes.
     pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
-        if b.len() < Self::LEN {
+        Self::check_len(b, Self::LEN)?;
+        Ok(Self::decode_prefix(b))
+    }
+
+    fn check_len(b: &[u8], want: usize) -> Result<(), ProtocolError> {
+        if b.len() < want {
             return Err(ProtocolError::Truncated {
                 what: "RDMA parameters",
-                need: Self::LEN,
+                need: want,
                 have: b.len(),
             });
         }
-        if b.len() > Self::LEN {
+        if b.len() > want {
             return Err(ProtocolError::BadHello(format!(
                 "{} trailing bytes after the RDMA parameters",
-                b.len() - Self::LEN
+                b.len() - want
             )));
         }
-        Ok(Self {
+        Ok(())
+    }
+
+    /// The parameters at the start of `b` (at least [`RdmaParams::LEN`] bytes).
+    fn decode_prefix(b: &[u8]) -> Self {
+        Self {
             qpn: u32_at(b, 0),
             psn: u32_at(b, 4),
             lid: u16::from_le_bytes([b[8], b[9]]),
@@ -144,6 +163,68 @@ impl RdmaParams {
             addr: u64_at(b, 26),
             len: u64_at(b, 34),
             rkey: u32_at(b, 42),
+        }
+    }
+}
+
+/// The most parts a job may have over RDMA: the server binds a window per part and worker, and
+/// its answer carries every window's key. A job with more parts runs over TCP (or with a larger
+/// `--partition-kib`).
+pub const MAX_RDMA_PARTS: usize = 1 << 14;
+
+/// The server's answer to a worker's RDMA offer: its endpoint and the worker's slot block, and
+/// for each part the key of the window over the worker's slot of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaAccept {
+    /// The server's endpoint and the worker's slot block.
+    pub params: RdmaParams,
+    /// Per part, its window's key as of the answer (the low byte changes at every lend: see
+    /// [`model_imm`]).
+    pub windows: Vec<u32>,
+}
+
+impl RdmaAccept {
+    /// Payload length for a job of `parts` parts.
+    pub fn len(parts: usize) -> usize {
+        RdmaParams::LEN + 4 * parts
+    }
+
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.params.encode();
+        for k in &self.windows {
+            v.extend_from_slice(&k.to_le_bytes());
+        }
+        v
+    }
+
+    /// Decodes the answer for a job of `parts` parts: exactly that many keys, or an error.
+    pub fn decode(b: &[u8], parts: usize) -> Result<Self, ProtocolError> {
+        RdmaParams::check_len(b, Self::len(parts))?;
+        let windows = (0..parts)
+            .map(|i| u32_at(b, RdmaParams::LEN + 4 * i))
+            .collect();
+        Ok(Self {
+            params: RdmaParams::decode_prefix(b),
+            windows,
         })
     }
+}
+
+/// The immediate of a model write of part `key`: the part in the low 24 bits, and in the high 8
+/// the key byte of the worker's window over its slot of that part (lent anew, or still lent).
+pub fn model_imm(key: u32, window_rkey: u32) -> u32 {
+    debug_assert!((key as usize) < super::MAX_PARTS);
+    key | (window_rkey & 0xff) << 24
+}
+
+/// The part and the window's key byte in a model write's immediate (see [`model_imm`]).
+pub fn split_model_imm(imm: u32) -> (u32, u8) {
+    (imm & 0xff_ffff, (imm >> 24) as u8)
+}
+
+/// A window's key with its low byte replaced: the key after a lend, from the key of the answer
+/// and the byte of a model's immediate.
+pub fn with_key_byte(rkey: u32, byte: u8) -> u32 {
+    (rkey & !0xff) | u32::from(byte)
 }

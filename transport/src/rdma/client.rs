@@ -1,7 +1,9 @@
-//! The worker side of the RDMA transport: each gradient part goes out as its clock stamp and an
-//! RDMA_WRITE_WITH_IMM from a registered buffer into the worker's slot on the server; each model
-//! part comes back the same way into a registered buffer; the channel's [`WorkerEnd`] carries the
-//! handshake, goodbyes and errors.
+//! The worker side of the RDMA transport: each gradient part goes out as an RDMA WRITE from a
+//! registered buffer into the worker's slot on the server, through the window the server lent it
+//! for that slot, then a SEND_WITH_INV of its clock stamp that gives the window back; each model
+//! part comes back as a stamp and an RDMA_WRITE_WITH_IMM into a registered buffer, its immediate
+//! naming the part and the key byte of the slot's next lend; the channel's [`WorkerEnd`] carries
+//! the handshake, goodbyes and errors.
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
@@ -15,12 +17,14 @@ use memmap2::MmapMut;
 
 use super::{random_psn, Local, MAX_INFLIGHT, RECV_DEPTH, SEND_DEPTH, STAMP_WR};
 use crate::channel::WorkerEnd;
-use crate::protocol::rdma::BlockLayout;
-use crate::protocol::{FrameKind, Parts, RdmaParams};
+use crate::protocol::rdma::{split_model_imm, with_key_byte, BlockLayout};
+use crate::protocol::{FrameKind, Parts, RdmaAccept, RdmaParams};
 use crate::{Clock, Incoming, Key, LinkError, WorkerLink};
 
 /// How long a push may wait for room in the send queue before the link is declared broken.
 const SEND_LIMIT: Duration = Duration::from_secs(30);
+/// How long a cancelled link waits for the NIC to flush its requests.
+const FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// A worker's RDMA link. Field order is teardown order: the queue pair and registrations go
 /// before the CQs, PD and device; the control connection goes last.
@@ -31,8 +35,11 @@ pub struct RdmaClient {
     /// Models received, laid out as [`BlockLayout`]; the server writes stamps and data here.
     models: MemoryRegion<MmapMut>,
     block: BlockLayout,
-    /// The server's slot block for this worker.
+    /// The server's slot block for this worker (its rkey unused: writes go through windows).
     slots: RemoteBuffer,
+    /// Per part, the key of the window the server lends over this worker's slot of it, as of
+    /// the last model of that part.
+    windows: Vec<u32>,
     send_cq: CompletionQueue,
     recv_cq: CompletionQueue,
     _pd: ProtectionDomain,
@@ -108,7 +115,11 @@ impl RdmaClient {
             let why = format!("server {} has no RDMA device", control.peer());
             return Ok(Upgrade::Declined(control, why));
         }
-        let accept = RdmaParams::decode(&reply).map_err(|e| LinkError::NoRdma(e.to_string()))?;
+        let parts = control.parts().len();
+        let RdmaAccept {
+            params: accept,
+            windows,
+        } = RdmaAccept::decode(&reply, parts).map_err(|e| LinkError::NoRdma(e.to_string()))?;
         if accept.len < block.len() as u64 {
             return Err(LinkError::NoRdma(format!(
                 "the server offered {} bytes of slots, the job needs {}",
@@ -140,6 +151,7 @@ impl RdmaClient {
                 len: accept.len,
                 rkey: accept.rkey,
             },
+            windows,
             send_cq,
             recv_cq,
             _pd: pd,
@@ -178,8 +190,9 @@ impl RdmaClient {
         self.recv_cq.poll(&mut self.completions, usize::MAX)?;
         for c in std::mem::take(&mut self.completions) {
             match c.result {
-                Ok(Completed::RecvRdmaWithImm { imm: key, len }) => {
+                Ok(Completed::RecvRdmaWithImm { imm, len }) => {
                     self.qp.post_recv_imm(c.wr_id)?;
+                    let (key, byte) = split_model_imm(imm);
                     let part = self.control.parts().get(key).map_err(|e| {
                         LinkError::NoRdma(format!("the server wrote an unknown part: {e}"))
                     })?;
@@ -189,6 +202,9 @@ impl RdmaClient {
                             part.bytes()
                         )));
                     }
+                    // The slot is (still or again) lent, under this key.
+                    let w = &mut self.windows[key as usize];
+                    *w = with_key_byte(*w, byte);
                     // The stamp was written just before the data, on the same queue pair.
                     let stamp = &self.models.bytes()[self.block.stamp(key)];
                     let round = Clock::from_le_bytes(stamp.try_into().expect("8 bytes"));
@@ -231,6 +247,37 @@ impl RdmaClient {
     }
 }
 
+impl RdmaClient {
+    /// Cancels every request still posted (the queue pair goes to the error state) and waits,
+    /// bounded, until the NIC has flushed them: after that it reads none of this link's
+    /// buffers. Returns the error that ends the link, saying why.
+    fn cancel(&mut self, why: String) -> LinkError {
+        let flushed = self.qp.cancel_all().map(|()| {
+            let deadline = Instant::now() + FLUSH_LIMIT;
+            while self.inflight > 0 && Instant::now() < deadline {
+                self.completions.clear();
+                if self
+                    .send_cq
+                    .poll(&mut self.completions, usize::MAX)
+                    .is_err()
+                {
+                    break;
+                }
+                let parts = self.completions.iter().filter(|c| c.wr_id & STAMP_WR == 0);
+                self.inflight -= parts.count() as u32;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.inflight == 0
+        });
+        let how = match flushed {
+            Ok(true) => "its writes were cancelled",
+            Ok(false) => "its writes did not flush in time either",
+            Err(_) => "its queue pair could not even be stopped",
+        };
+        LinkError::NoRdma(format!("{why}; {how}"))
+    }
+}
+
 impl WorkerLink for RdmaClient {
     fn parts(&self) -> &Parts {
         self.control.parts()
@@ -261,7 +308,7 @@ impl WorkerLink for RdmaClient {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(LinkError::NoRdma(format!(
+                return Err(self.cancel(format!(
                     "part writes did not complete within {SEND_LIMIT:?}"
                 )));
             }
@@ -274,25 +321,29 @@ impl WorkerLink for RdmaClient {
         }
         let (stamp, data) = (self.block.stamp(key), self.block.data(key));
         self.grads.bytes_mut()[stamp.clone()].copy_from_slice(&clock.to_le_bytes());
-        let (stamp_at, data_at) = (stamp.start as u64, data.start as u64);
+        let window = self.windows[key as usize];
+        let through = RemoteBuffer {
+            rkey: window,
+            ..self.slots
+        };
         // SAFETY: the gradient buffer is owned by this link; the part's stamp and data are not
         // written again until the server has answered this push (the worker API waits for the
-        // part's model, which the server sends only after this write has landed), and the
-        // registration lives as long as the link.
+        // part's model, which the server sends only after this push has landed), and the
+        // registration lives as long as the link (its queue pair, declared first, goes first).
         unsafe {
             self.qp.post_send(
                 STAMP_WR,
                 SendOp::Write,
                 &self.grads,
-                stamp,
-                Some((self.slots, stamp_at)),
+                data.clone(),
+                Some((through, data.start as u64)),
             )?;
             self.qp.post_send(
                 u64::from(key),
-                SendOp::WriteWithImm(key),
+                SendOp::SendWithInv(window),
                 &self.grads,
-                data,
-                Some((self.slots, data_at)),
+                stamp,
+                None,
             )?;
         }
         self.inflight += 1;

@@ -6,10 +6,11 @@
 //! The TCP connection stays: it carries the handshake, the exchange of queue-pair numbers, GIDs,
 //! addresses and rkeys ([`crate::protocol::RdmaParams`]), and it is the liveness channel: when it
 //! drops, the peer is gone and its queue pair is torn down. The server registers its arena once
-//! (local access, the source of model writes) and each worker's block of slots on its own (remote
-//! write), so a worker's rkey reaches its slots and nothing else; models are never remotely
-//! writable. Each write is a clock stamp then the data, whose immediate is the part's index
-//! ([`crate::protocol::rdma`]).
+//! (local access, the source of model writes) and each worker's block of slots on its own, with
+//! no remote rights: a worker writes a slot only through a memory window the server binds over
+//! that one slot when it lends it, and its push invalidates the window as it arrives
+//! ([`crate::protocol::rdma`]). So a slot is writable only while it is the worker's, a worker
+//! reaches nothing but its own lent slots, and models are never remotely writable.
 //!
 //! This module posts sends, which is `unsafe` (the NIC reads the buffer until the completion):
 //! every post says why its buffer outlives the request.
@@ -18,6 +19,8 @@ mod client;
 mod server;
 
 pub use client::{RdmaClient, Upgrade};
+/// The verbs layer this transport is built on, for tools and tests that speak RDMA themselves.
+pub use hetsync_ffi as verbs;
 pub use server::RdmaServer;
 
 use hetsync_ffi::{Context, Gid, PathConfig, VerbsError};
@@ -33,14 +36,18 @@ pub struct RdmaConfig {
 
 /// Part writes (a stamp and the data) a queue pair may have in flight; more wait in a backlog.
 pub(crate) const MAX_INFLIGHT: u32 = 128;
-/// Send queue depth: two work requests per part write.
-pub(crate) const SEND_DEPTH: u32 = 2 * MAX_INFLIGHT;
+/// Send queue depth: up to three work requests per part write (the server's bind, stamp and
+/// data; the worker's data and stamp).
+pub(crate) const SEND_DEPTH: u32 = 3 * MAX_INFLIGHT;
 /// Receives kept posted per queue pair (each WRITE_WITH_IMM consumes one; the peer has at most
 /// [`MAX_INFLIGHT`] in flight, and both sides re-post as they reap, including the worker while it
 /// pushes).
 pub(crate) const RECV_DEPTH: u32 = MAX_INFLIGHT + 8;
-/// Work-request id bit marking a stamp write (its completion only says it went).
+/// Work-request id bit marking a write whose completion only says it went: the server's stamp
+/// write, the worker's data write (the send after it is what counts).
 pub(crate) const STAMP_WR: u64 = 1 << 31;
+/// Work-request id bit marking the server's bind of a window (lending a slot).
+pub(crate) const BIND_WR: u64 = 1 << 30;
 /// The port every queue pair uses.
 pub(crate) const PORT: u8 = 1;
 

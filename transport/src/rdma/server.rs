@@ -7,21 +7,37 @@ use std::time::{Duration, Instant};
 
 use hetsync_ffi::{
     Access, Completed, Completion, CompletionQueue, Endpoint, ExternalMemory, Gid, MemoryRegion,
-    ProtectionDomain, QpCaps, QueuePair, RemoteBuffer, SendOp, VerbsError,
+    MemoryWindow, ProtectionDomain, QpCaps, QueuePair, RemoteBuffer, SendOp, VerbsError,
 };
 
-use super::{random_psn, Local, RdmaConfig, MAX_INFLIGHT, RECV_DEPTH, SEND_DEPTH, STAMP_WR};
+use super::{
+    random_psn, Local, RdmaConfig, BIND_WR, MAX_INFLIGHT, RECV_DEPTH, SEND_DEPTH, STAMP_WR,
+};
 use crate::channel::{ListenConfig, ServerEnd};
-use crate::protocol::{FrameKind, RdmaParams};
-use crate::{Arena, ArenaPin, Event, Key, Rank, Transport, TransportError, Version};
+use crate::protocol::rdma::{model_imm, STAMP_LEN};
+use crate::protocol::{FrameKind, RdmaAccept, RdmaParams, MAX_RDMA_PARTS};
+use crate::{Arena, ArenaPin, Event, Key, Rank, SlotState, Transport, TransportError, Version};
 
 /// How long `release` waits for model writes reading a version before dropping their peers.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
-/// One RDMA-connected worker. The queue pair goes first, then the registration of its slots.
+/// One RDMA-connected worker. Field order is teardown order: the queue pair first, then the
+/// windows (deallocating one invalidates it), then the memory they and the receives point into.
 struct Peer {
     qp: QueuePair,
-    _slots: MemoryRegion<ExternalMemory>,
+    /// Per part, a window over this worker's slot of it: bound (lent to the worker) or not.
+    windows: Vec<MemoryWindow>,
+    /// Per part, whether its window is bound: the worker may write that slot.
+    lent: Vec<bool>,
+    /// Window number (the key without its low byte) -> part.
+    by_window: HashMap<u32, Key>,
+    /// Where each posted receive takes a push's clock stamp (one stamp per receive).
+    inbox: MemoryRegion<Vec<u8>>,
+    /// Per part, this worker's slot of it, registered for binding its window only: no region's
+    /// own key is handed out, so a slot is writable only through its bound window. One region
+    /// per slot, not one per block, because some devices (rxe) check a window's writes against
+    /// the region it is bound over rather than against the window.
+    slots: Vec<MemoryRegion<ExternalMemory>>,
     /// The worker has connected its queue pair and posted its receives: it has joined.
     ready: bool,
     /// The worker's model buffer (laid out as the arena's blocks).
@@ -30,6 +46,42 @@ struct Peer {
     inflight: VecDeque<(Key, Version)>,
     /// Model writes waiting for room in the send queue.
     backlog: VecDeque<Key>,
+}
+
+impl Peer {
+    /// Posts receive `i`, which takes a push's stamp into its own place in the inbox.
+    fn post_recv(&self, rank: Rank, i: u32) -> Result<(), VerbsError> {
+        let at = i as usize * STAMP_LEN;
+        // SAFETY: the inbox lives as long as the peer, whose queue pair (declared first) is
+        // destroyed before it; its stamp `i` is read only after this receive's completion, and
+        // re-posted only after that read.
+        unsafe {
+            self.qp
+                .post_recv(wr_id(rank, u64::from(i)), &self.inbox, at..at + STAMP_LEN)
+        }
+    }
+
+    /// Lends worker `rank`'s slot of part `key` to it: binds the part's window over the slot's
+    /// data, so the worker may write it until its push gives the window back.
+    fn lend(&mut self, rank: Rank, key: Key) -> Result<(), VerbsError> {
+        let slot = &self.slots[key as usize];
+        let window = &mut self.windows[key as usize];
+        // SAFETY: the slot block stays mapped while the server lives (the registration's
+        // contract), and the window is deallocated (field order) before the registration. The
+        // server reads the slot only once it holds it, after the worker's push invalidated the
+        // window (on_recv checks that it did).
+        unsafe {
+            self.qp.post_bind(
+                wr_id(rank, BIND_WR | u64::from(key)),
+                window,
+                slot,
+                0..slot.addr_len().1,
+                Access::REMOTE_WRITE,
+            )?
+        };
+        self.lent[key as usize] = true;
+        Ok(())
+    }
 }
 
 /// The RDMA transport, server side. Field order is teardown order: queue pairs and
@@ -141,6 +193,12 @@ impl RdmaServer {
                 offer.len
             ));
         }
+        let parts = arena.parts().len();
+        if parts > MAX_RDMA_PARTS {
+            return Err(format!(
+                "the job has {parts} parts, RDMA takes at most {MAX_RDMA_PARTS} (a window each): use a larger --partition-kib"
+            ));
+        }
         let verbs = |e: VerbsError| e.to_string();
         let mut qp = self
             .pd
@@ -154,13 +212,31 @@ impl RdmaServer {
             )
             .map_err(verbs)?;
         let block = arena.worker_block(rank);
-        let slots = register(
-            &self.pd,
-            arena,
-            block,
-            Access::LOCAL_WRITE | Access::REMOTE_WRITE,
-        )
-        .map_err(verbs)?;
+        let layout = arena.block_layout().clone();
+        let slots = (0..parts as Key)
+            .map(|k| {
+                let data = layout.data(k);
+                let at = block.start + data.start..block.start + data.end;
+                register(&self.pd, arena, at, Access::LOCAL_WRITE | Access::MW_BIND)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{e} (a region per part: {parts} for this worker)"))?;
+        let windows = (0..parts)
+            .map(|_| self.pd.alloc_mw())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{e} (a window per part: {parts} for this worker)"))?;
+        let by_window = windows
+            .iter()
+            .enumerate()
+            .map(|(k, w)| (w.rkey() >> 8, k as Key))
+            .collect();
+        let inbox = self
+            .pd
+            .register(
+                vec![0u8; RECV_DEPTH as usize * STAMP_LEN],
+                Access::LOCAL_WRITE,
+            )
+            .map_err(verbs)?;
         let psn = random_psn();
         let remote = Endpoint {
             qpn: offer.qpn,
@@ -169,28 +245,13 @@ impl RdmaServer {
             lid: offer.lid,
         };
         qp.connect(self.local.path, psn, &remote).map_err(verbs)?;
-        // Receives need a connected (INIT or later) queue pair, and must be there before the
-        // worker learns where to write.
-        for i in 0..RECV_DEPTH {
-            qp.post_recv_imm(wr_id(rank, u64::from(i))).map_err(verbs)?;
-        }
-        let theirs = slots.remote(0..slots.addr_len().1);
-        let reply = RdmaParams {
-            qpn: qp.qpn(),
-            psn,
-            lid: self.local.lid,
-            gid: self.local.gid.0,
-            addr: theirs.addr,
-            len: theirs.len,
-            rkey: theirs.rkey,
-        };
-        self.end
-            .send_control(arena, rank, FrameKind::RdmaConnect, &reply.encode());
-        self.remove_peer(arena, rank);
-        self.by_qpn.insert(qp.qpn(), rank);
-        self.peers[rank as usize] = Some(Peer {
+        let mut peer = Peer {
             qp,
-            _slots: slots,
+            windows,
+            lent: vec![false; parts],
+            by_window,
+            inbox,
+            slots,
             models: RemoteBuffer {
                 addr: offer.addr,
                 len: offer.len,
@@ -199,7 +260,36 @@ impl RdmaServer {
             inflight: VecDeque::new(),
             backlog: VecDeque::new(),
             ready: false,
-        });
+        };
+        // Receives need a connected (INIT or later) queue pair, and must be there before the
+        // worker learns where to write.
+        for i in 0..RECV_DEPTH {
+            peer.post_recv(rank, i).map_err(verbs)?;
+        }
+        // Lend every slot the worker holds now. Its first push waits for its first model, which
+        // is written after these binds on the same queue pair, so they are in place by then.
+        for key in 0..parts as Key {
+            if arena.slot_state(rank, key) == SlotState::Lent {
+                peer.lend(rank, key).map_err(verbs)?;
+            }
+        }
+        let reply = RdmaAccept {
+            params: RdmaParams {
+                qpn: peer.qp.qpn(),
+                psn,
+                lid: self.local.lid,
+                gid: self.local.gid.0,
+                addr: (arena.base_ptr() as u64) + block.start as u64,
+                len: block.len() as u64,
+                rkey: 0,
+            },
+            windows: peer.windows.iter().map(MemoryWindow::rkey).collect(),
+        };
+        self.end
+            .send_control(arena, rank, FrameKind::RdmaConnect, &reply.encode());
+        self.remove_peer(arena, rank);
+        self.by_qpn.insert(peer.qp.qpn(), rank);
+        self.peers[rank as usize] = Some(peer);
         Ok(())
     }
 
@@ -241,10 +331,18 @@ impl RdmaServer {
         }
     }
 
-    /// Posts worker `rank`'s model write of part `key`: its round stamp, then its data with the
-    /// part's index as the immediate.
+    /// Posts worker `rank`'s model write of part `key`: the bind that lends the slot back (when
+    /// the server has given it back and the window is not bound yet), its round stamp, then its
+    /// data with the part and the window's key byte as the immediate.
     fn post_model(&mut self, arena: &mut Arena, rank: Rank, key: Key) {
         let peer = self.peers[rank as usize].as_mut().expect("an RDMA peer");
+        if arena.slot_state(rank, key) == SlotState::Lent && !peer.lent[key as usize] {
+            if let Err(e) = peer.lend(rank, key) {
+                let why = format!("lending its slot of part {key} failed: {e}");
+                return self.drop_peer(arena, rank, &why);
+            }
+        }
+        let imm = model_imm(key, peer.windows[key as usize].rkey());
         let (version, _) = arena.start_send(key);
         let block = arena.block_layout();
         let (stamp_at, data_at) = (block.stamp(key).start as u64, block.data(key).start as u64);
@@ -265,7 +363,7 @@ impl RdmaServer {
                 .and_then(|()| {
                     peer.qp.post_send(
                         wr_id(rank, u64::from(key)),
-                        SendOp::WriteWithImm(key),
+                        SendOp::WriteWithImm(imm),
                         &self.arena_mr,
                         data,
                         Some((peer.models, data_at)),
@@ -278,37 +376,49 @@ impl RdmaServer {
         }
     }
 
+    /// A push arrived: its data is in the slot, its stamp in the inbox, and its send invalidated
+    /// the slot's window, which must be the one lent for that part.
     fn on_recv(&mut self, arena: &mut Arena, c: Completion) {
         let Some(&rank) = self.by_qpn.get(&c.qp_num) else {
             return; // a late completion of a peer already dropped
         };
-        let (len, key) = match c.result {
-            Ok(Completed::RecvRdmaWithImm { len, imm }) => (len as usize, imm),
+        let (len, invalidated) = match c.result {
+            Ok(Completed::Recv { len, invalidated }) => (len as usize, invalidated),
             Ok(other) => {
                 return self.drop_peer(arena, rank, &format!("unexpected receive {other:?}"))
             }
-            Err(e) if e.is_flushed() => return,
+            // Its receives are flushed only when its queue pair broke: a write outside what was
+            // lent to it, or the link failed.
+            Err(e) if e.is_flushed() => {
+                let why = "its queue pair failed (a write outside a lent slot, or a broken link)";
+                return self.drop_peer(arena, rank, why);
+            }
             Err(e) => return self.drop_peer(arena, rank, &format!("RDMA receive failed: {e}")),
         };
-        match arena.parts().get(key) {
-            Ok(p) if p.bytes() == len => {}
-            Ok(p) => {
-                let want = p.bytes();
-                return self.drop_peer(
-                    arena,
-                    rank,
-                    &format!("push of part {key} carries {len} bytes, the part is {want}"),
-                );
-            }
-            Err(e) => return self.drop_peer(arena, rank, &e.to_string()),
+        if len != STAMP_LEN {
+            return self.drop_peer(arena, rank, &format!("a push's stamp has {len} bytes"));
         }
-        let clock = match arena.hand_over_stamped(rank, key) {
-            Ok(clock) => clock,
-            Err(e) => return self.drop_peer(arena, rank, &e.to_string()),
+        let peer = self.peers[rank as usize].as_mut().expect("found by qpn");
+        let Some(rkey) = invalidated else {
+            let why =
+                "pushed without giving its slot back (a push's send must invalidate the window)";
+            return self.drop_peer(arena, rank, why);
         };
-        let peer = self.peers[rank as usize].as_ref().expect("found by qpn");
-        if let Err(e) = peer.qp.post_recv_imm(c.wr_id) {
+        let key = match peer.by_window.get(&(rkey >> 8)) {
+            Some(&key) if peer.lent[key as usize] && peer.windows[key as usize].rkey() == rkey => {
+                key
+            }
+            _ => return self.drop_peer(arena, rank, "gave back a window it was not lent"),
+        };
+        peer.lent[key as usize] = false;
+        let at = (c.wr_id & 0xffff_ffff) as usize * STAMP_LEN;
+        let stamp = &peer.inbox.bytes()[at..at + STAMP_LEN];
+        let clock = u64::from_le_bytes(stamp.try_into().expect("STAMP_LEN bytes"));
+        if let Err(e) = peer.post_recv(rank, (c.wr_id & 0xffff_ffff) as u32) {
             return self.drop_peer(arena, rank, &format!("reposting a receive failed: {e}"));
+        }
+        if let Err(e) = arena.hand_over(rank, key, clock) {
+            return self.drop_peer(arena, rank, &e.to_string());
         }
         self.end.report(Event::Pushed { rank, key, clock });
     }
@@ -319,12 +429,16 @@ impl RdmaServer {
         };
         let peer = self.peers[rank as usize].as_mut().expect("found by qpn");
         if let Err(e) = c.result {
-            if !e.is_flushed() {
-                self.drop_peer(arena, rank, &format!("writing the model failed: {e}"));
-            }
-            return;
+            let why = if e.is_flushed() {
+                "its queue pair failed (a write outside a lent slot, or a broken link)".to_string()
+            } else if c.wr_id & BIND_WR != 0 {
+                format!("lending it a slot failed: {e}")
+            } else {
+                format!("writing the model failed: {e}")
+            };
+            return self.drop_peer(arena, rank, &why);
         }
-        if c.wr_id & STAMP_WR != 0 {
+        if c.wr_id & (STAMP_WR | BIND_WR) != 0 {
             return;
         }
         let (key, version) = peer.inflight.pop_front().expect("a model write in flight");
