@@ -212,8 +212,10 @@ impl Rogue {
     }
 
     /// The server's reason for dropping this worker (its error frame), taking models meanwhile.
+    /// Within 20 s: it takes milliseconds, and a server that stalls its event loop tearing the
+    /// rogue down (rxe destroying a queue pair with windows still bound: 51 s) must fail here.
     fn dropped_because(mut self) -> String {
-        let deadline = Instant::now() + common::HANG;
+        let deadline = Instant::now() + Duration::from_secs(20);
         let stream = self.control.stream().try_clone().unwrap();
         stream
             .set_read_timeout(Some(Duration::from_millis(5)))
@@ -264,8 +266,6 @@ fn a_slot_is_writable_only_while_it_is_lent() {
         .map(|r| Proc::worker(&addr, r, DIM, &["--transport", "rdma", "--compute-ms", "5"]))
         .collect();
     let mut rogue = joining.join().unwrap();
-    let t0 = Instant::now();
-    eprintln!("the rogue joined");
 
     // 1. A push that gives the slot back, then a write into it anyway: refused at the server's
     // NIC, and the server drops the rogue.
@@ -286,7 +286,6 @@ fn a_slot_is_writable_only_while_it_is_lent() {
     );
     let why = rogue.dropped_because();
     assert!(why.contains("queue pair failed"), "{why}");
-    eprintln!("rogue 1 dropped after {:?}: {why}", t0.elapsed());
 
     // 2. A write with part 0's window into part 1's slot: outside what was lent.
     let mut rogue = Rogue::join(&addr, 2);
@@ -310,10 +309,21 @@ fn a_slot_is_writable_only_while_it_is_lent() {
     assert_eq!(rogue.send_stamp(0, None), Ok(Completed::Send));
     let why = rogue.dropped_because();
     assert!(why.contains("without giving its slot back"), "{why}");
-    eprintln!("rogue 3 dropped after {:?}", t0.elapsed());
 
-    // The honest workers trained on all along, over RDMA; SIGTERM ends the run (the rounds
-    // are unbounded, so that the run outlasts the rogue however fast the machine).
+    // The honest workers train on, over RDMA: 30 more rounds once the rogue is gone (the
+    // rounds are unbounded so that the run outlasts the rogue however fast the machine; SIGTERM
+    // ends it).
+    let rounds = |v: &serde_json::Value| v["rounds"].as_u64().unwrap_or(0);
+    let after_rogue = rounds(&common::status(&addr, &[]).expect("status"));
+    let deadline = Instant::now() + common::HANG;
+    while rounds(&common::status(&addr, &[]).expect("status")) < after_rogue + 30 {
+        assert!(
+            Instant::now() < deadline,
+            "training stalled after the rogue:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let pid = nix::unistd::Pid::from_raw(server.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     for w in &mut honest {
@@ -325,11 +335,12 @@ fn a_slot_is_writable_only_while_it_is_lent() {
     let log = server.log();
     if std::env::var_os("HETSYNC_TEST_VERBOSE").is_some() {
         eprintln!("{log}");
+        for w in &honest {
+            eprintln!("HONEST {}", w.log());
+        }
     }
-    // Rounds went on while the rogue misbehaved (their pace is not asserted: see the issue's
-    // closing note on rounds slowing down while a silent RDMA worker is connected).
     let rounds = common::summary_count(&log, "finished:");
-    assert!(rounds >= 1, "the honest workers never trained:\n{log}");
+    assert!(rounds >= after_rogue + 30, "{log}");
     assert_eq!(
         log.matches("queue pair failed").count(),
         2,

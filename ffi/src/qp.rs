@@ -176,8 +176,7 @@ impl QueuePair {
         a.dest_qp_num = remote.qpn;
         a.rq_psn = remote.psn;
         a.max_dest_rd_atomic = 1;
-        // A sender finding no receive posted here waits 40.96 ms (code 24) before each retry.
-        a.min_rnr_timer = 24;
+        a.min_rnr_timer = 12;
         a.ah_attr.dlid = remote.lid;
         a.ah_attr.sl = 0;
         a.ah_attr.src_path_bits = 0;
@@ -205,10 +204,11 @@ impl QueuePair {
         a.qp_state = ibv_qp_state::IBV_QPS_RTS;
         a.timeout = 14;
         a.retry_cnt = 7;
-        // Six retries, not 7 (which is "forever"): a peer that stops posting receives (a worker
-        // that never takes its models) fails this side's write in about a quarter of a second,
-        // instead of holding it, and whatever waits for it, for good.
-        a.rnr_retry = 6;
+        // 7 is "retry forever": a receiver that has not re-posted its receives yet (the server
+        // busy, with more pushes delivered than receives posted) holds the sender back rather
+        // than failing it. This is the flow control between the two sides; a peer that never
+        // re-posts is dropped by the other side's own bounds (the server's model-write drain).
+        a.rnr_retry = 7;
         a.sq_psn = local_psn;
         a.max_rd_atomic = 1;
         self.modify(

@@ -21,12 +21,12 @@ use crate::{Arena, ArenaPin, Event, Key, Rank, SlotState, Transport, TransportEr
 /// How long `release` waits for model writes reading a version before dropping their peers.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
-/// One RDMA-connected worker. Field order is teardown order: the queue pair first, then the
-/// windows (deallocating one invalidates it), then the memory they and the receives point into.
+/// One RDMA-connected worker. Teardown (field) order: the windows (a bound one holds its queue
+/// pair: rxe stalls 50 s destroying a queue pair that still has them), the queue pair, memory.
 struct Peer {
-    qp: QueuePair,
     /// Per part, a window over this worker's slot of it: bound (lent to the worker) or not.
     windows: Vec<MemoryWindow>,
+    qp: QueuePair,
     /// Per part, whether its window is bound: the worker may write that slot.
     lent: Vec<bool>,
     /// Window number (the key without its low byte) -> part.
@@ -52,7 +52,7 @@ impl Peer {
     /// Posts receive `i`, which takes a push's stamp into its own place in the inbox.
     fn post_recv(&self, rank: Rank, i: u32) -> Result<(), VerbsError> {
         let at = i as usize * STAMP_LEN;
-        // SAFETY: the inbox lives as long as the peer, whose queue pair (declared first) is
+        // SAFETY: the inbox lives as long as the peer, whose queue pair (declared before it) is
         // destroyed before it; its stamp `i` is read only after this receive's completion, and
         // re-posted only after that read.
         unsafe {
@@ -246,8 +246,8 @@ impl RdmaServer {
         };
         qp.connect(self.local.path, psn, &remote).map_err(verbs)?;
         let mut peer = Peer {
-            qp,
             windows,
+            qp,
             lent: vec![false; parts],
             by_window,
             inbox,
@@ -317,6 +317,7 @@ impl RdmaServer {
             return false;
         };
         self.by_qpn.remove(&peer.qp.qpn());
+        drop(peer.windows);
         drop(peer.qp);
         for (key, version) in peer.inflight {
             arena.end_send(key, version);
