@@ -20,19 +20,6 @@ use memmap2::MmapMut;
 const DIM: usize = 4096;
 const PART_KIB: &str = "8"; // two parts of 2048 floats
 
-fn rdma_here() -> bool {
-    match device_names() {
-        Ok(_) => true,
-        Err(e) if std::env::var_os("HETSYNC_REQUIRE_RDMA").is_none() => {
-            eprintln!(
-                "SKIP: no RDMA device on this host ({e}); the real run is in the Soft-RoCE guest"
-            );
-            false
-        }
-        Err(e) => panic!("no RDMA device in the guest: {e}"),
-    }
-}
-
 /// A worker that speaks the RDMA protocol by hand, to break it.
 struct Rogue {
     control: WorkerEnd,
@@ -237,7 +224,7 @@ impl Rogue {
 
 #[test]
 fn a_slot_is_writable_only_while_it_is_lent() {
-    if !rdma_here() {
+    if !common::rdma_here() {
         return;
     }
     let (mut server, addr) = Proc::server(&[

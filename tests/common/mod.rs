@@ -39,7 +39,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(what: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(bin())
+        Proc::spawn_with(what, args, |_| {})
+    }
+
+    /// Like [`spawn`](Self::spawn), with `setup` applied to the command first (a user id,
+    /// resource limits).
+    pub fn spawn_with(what: &str, args: &[&str], setup: impl FnOnce(&mut Command)) -> Proc {
+        let mut cmd = Command::new(bin());
+        setup(&mut cmd);
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -357,4 +365,20 @@ pub fn read_frame(s: &mut std::net::TcpStream) -> (hetsync::protocol::Header, Ve
     let mut p = vec![0u8; h.len as usize];
     s.read_exact(&mut p).unwrap();
     (h, p)
+}
+
+/// Whether this host has an RDMA device. Without one it prints a SKIP line, or fails where
+/// HETSYNC_REQUIRE_RDMA is set (inside the Soft-RoCE guest, where one must be).
+#[cfg(feature = "rdma")]
+pub fn rdma_here() -> bool {
+    match hetsync_transport::rdma::verbs::device_names() {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("HETSYNC_REQUIRE_RDMA").is_none() => {
+            eprintln!(
+                "SKIP: no RDMA device on this host ({e}); the real run is in the Soft-RoCE guest"
+            );
+            false
+        }
+        Err(e) => panic!("no RDMA device in the guest: {e}"),
+    }
 }

@@ -5,11 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 # The test executables cargo builds for the ffi crate, and the end-to-end tests of misbehaving
-# RDMA workers (they run the hetsync binary given by HETSYNC_BIN).
+# RDMA workers and of a low locked-memory limit (they run the hetsync binary HETSYNC_BIN names).
 mapfile -t bins < <(
   {
     cargo test --locked -p hetsync-ffi --no-run --message-format=json
-    cargo test --locked -p hetsync --test rdma_slots_are_lent_per_push --no-run --message-format=json
+    cargo test --locked -p hetsync --test rdma_slots_are_lent_per_push --test rdma_low_memlock_falls_back \
+      --no-run --message-format=json
   } 2>/dev/null | grep -o '"executable":"[^"]*/deps/[^"]*"' | cut -d'"' -f4)
 [ ${#bins[@]} -gt 0 ] || { echo "run-rdma-tests: no test binaries built" >&2; exit 1; }
 

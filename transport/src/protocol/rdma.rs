@@ -130,6 +130,25 @@ impl RdmaParams {
         v
     }
 
+    /// The offer of a worker whose own RDMA setup failed: all zero. The server declines it (the
+    /// worker carries on over TCP if it may).
+    pub fn unable() -> Self {
+        Self {
+            qpn: 0,
+            psn: 0,
+            lid: 0,
+            gid: [0; 16],
+            addr: 0,
+            len: 0,
+            rkey: 0,
+        }
+    }
+
+    /// Whether this is [`RdmaParams::unable`].
+    pub fn is_unable(&self) -> bool {
+        *self == Self::unable()
+    }
+
     /// Decodes the payload; rejects anything but exactly [`RdmaParams::LEN`] bytes.
     pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
         Self::check_len(b, Self::LEN)?;

@@ -1,4 +1,4 @@
-use super::rdma::{BlockLayout, STAMP_LEN};
+use super::rdma::{model_imm, split_model_imm, with_key_byte, BlockLayout, STAMP_LEN};
 use super::*;
 
 fn parts() -> Parts {
@@ -309,6 +309,44 @@ fn rdma_params_round_trip_and_reject_truncation() {
     let mut long = b.clone();
     long.push(0);
     assert!(RdmaParams::decode(&long).is_err());
+}
+
+#[test]
+fn an_rdma_answer_carries_one_window_key_per_part_exactly() {
+    let params = RdmaParams {
+        rkey: 0,
+        ..RdmaParams::unable()
+    };
+    let a = RdmaAccept {
+        params,
+        windows: vec![0x1234_5601, 0xfeed_ee02, 7],
+    };
+    let b = a.encode();
+    assert_eq!(b.len(), RdmaAccept::len(3));
+    assert_eq!(RdmaAccept::decode(&b, 3), Ok(a));
+    // The worker knows its job's part count: one key more or less is refused.
+    assert!(RdmaAccept::decode(&b, 2).is_err());
+    assert!(RdmaAccept::decode(&b, 4).is_err());
+    assert!(RdmaAccept::decode(&b[..b.len() - 1], 3).is_err());
+    // The largest answer fits the frame limit for its kind.
+    let h = Header::new(
+        FrameKind::RdmaConnect,
+        0,
+        0,
+        RdmaAccept::len(MAX_RDMA_PARTS) as u64,
+    );
+    assert_eq!(check_len(&h, None), Ok(()));
+}
+
+#[test]
+fn a_model_immediate_carries_the_part_and_the_new_key_byte() {
+    let last = (MAX_PARTS - 1) as u32;
+    for (key, rkey) in [(0, 0x1234_56ffu32), (5, 0xabcd_ef00), (last, 0x42)] {
+        let (k, byte) = split_model_imm(model_imm(key, rkey));
+        assert_eq!((k, byte), (key, rkey as u8));
+        assert_eq!(with_key_byte(rkey & !0xff, byte), rkey);
+    }
+    assert!(RdmaParams::unable().is_unable());
 }
 
 #[test]

@@ -82,22 +82,37 @@ impl RdmaClient {
     /// (the link moves data over RDMA from now on) or declines.
     pub fn upgrade(mut control: WorkerEnd, local: Local) -> Result<Upgrade, LinkError> {
         let block = BlockLayout::new(control.parts());
-        let pd = local.ctx.alloc_pd()?;
-        let send_cq = local.ctx.create_cq(SEND_DEPTH as i32 + 8, false)?;
-        let recv_cq = local.ctx.create_cq(RECV_DEPTH as i32 + 8, true)?;
-        let mut qp = pd.create_rc_qp(
-            &send_cq,
-            &recv_cq,
-            QpCaps {
+        // A receive for every part: the server writes at most one model per part at a time (the
+        // join's, or the answer to that part's push), so it never waits for a receive here, even
+        // while this worker computes for long without taking its models.
+        let recv_depth = RECV_DEPTH.max(control.parts().len() as u32 + 8);
+        // This side's verbs objects and registrations. When they fail (a low locked-memory
+        // limit, most often), the worker says so with an empty endpoint and carries on over TCP
+        // if it may: the server declines it like any worker it cannot set up.
+        let mine = (|| {
+            let pd = local.ctx.alloc_pd()?;
+            let send_cq = local.ctx.create_cq(SEND_DEPTH as i32 + 8, false)?;
+            let recv_cq = local.ctx.create_cq(recv_depth as i32 + 8, true)?;
+            let caps = QpCaps {
                 max_send: SEND_DEPTH,
-                max_recv: RECV_DEPTH,
-            },
-        )?;
-        let grads = pd.register(map(block.len())?, Access::LOCAL_WRITE)?;
-        let models = pd.register(
-            map(block.len())?,
-            Access::LOCAL_WRITE | Access::REMOTE_WRITE,
-        )?;
+                max_recv: recv_depth,
+            };
+            let qp = pd.create_rc_qp(&send_cq, &recv_cq, caps)?;
+            let grads = pd.register(map(block.len())?, Access::LOCAL_WRITE)?;
+            let rw = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
+            let models = pd.register(map(block.len())?, rw)?;
+            Ok::<_, LinkError>((pd, send_cq, recv_cq, qp, grads, models))
+        })();
+        let (pd, send_cq, recv_cq, mut qp, grads, models) = match mine {
+            Ok(m) => m,
+            Err(e) => {
+                let unable = RdmaParams::unable().encode();
+                control.send_control(FrameKind::RdmaConnect, &unable)?;
+                control.read_control(FrameKind::RdmaConnect)?;
+                let why = format!("this worker could not set up RDMA: {e}");
+                return Ok(Upgrade::Declined(control, why));
+            }
+        };
         let psn = random_psn();
         let mine = models.remote(0..block.len());
         let offer = RdmaParams {
@@ -112,7 +127,10 @@ impl RdmaClient {
         control.send_control(FrameKind::RdmaConnect, &offer.encode())?;
         let reply = control.read_control(FrameKind::RdmaConnect)?;
         if reply.is_empty() {
-            let why = format!("server {} has no RDMA device", control.peer());
+            let why = format!(
+                "server {} declined RDMA (it has no device, or could not set this worker up: its log says why)",
+                control.peer()
+            );
             return Ok(Upgrade::Declined(control, why));
         }
         let parts = control.parts().len();
@@ -136,7 +154,7 @@ impl RdmaClient {
         qp.connect(local.path, psn, &remote)?;
         // Receives need a connected queue pair. The server writes models only once this worker
         // has joined, which it reports only after the "ready" below.
-        for i in 0..RECV_DEPTH {
+        for i in 0..recv_depth {
             qp.post_recv_imm(u64::from(i))?;
         }
         recv_cq.arm()?;

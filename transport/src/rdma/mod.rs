@@ -39,9 +39,9 @@ pub(crate) const MAX_INFLIGHT: u32 = 128;
 /// Send queue depth: up to three work requests per part write (the server's bind, stamp and
 /// data; the worker's data and stamp).
 pub(crate) const SEND_DEPTH: u32 = 3 * MAX_INFLIGHT;
-/// Receives kept posted per queue pair (each WRITE_WITH_IMM consumes one; the peer has at most
-/// [`MAX_INFLIGHT`] in flight, and both sides re-post as they reap, including the worker while it
-/// pushes).
+/// Receives the server keeps posted per worker, one per push it has not taken yet (a worker
+/// has at most [`MAX_INFLIGHT`] in flight; more wait, retried by the NIC, until it re-posts: that
+/// is the flow control). A worker keeps one per part, or this many if more.
 pub(crate) const RECV_DEPTH: u32 = MAX_INFLIGHT + 8;
 /// Work-request id bit marking a write whose completion only says it went: the server's stamp
 /// write, the worker's data write (the send after it is what counts).

@@ -18,8 +18,9 @@ use crate::protocol::rdma::{model_imm, STAMP_LEN};
 use crate::protocol::{FrameKind, RdmaAccept, RdmaParams, MAX_RDMA_PARTS};
 use crate::{Arena, ArenaPin, Event, Key, Rank, SlotState, Transport, TransportError, Version};
 
-/// How long `release` waits for model writes reading a version before dropping their peers.
-const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// How long `release` waits for writes reading a version before dropping their peers: short (it
+/// stalls the event loop); an honest worker keeps a receive posted for every part's write.
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 
 /// One RDMA-connected worker. Teardown (field) order: the windows (a bound one holds its queue
 /// pair: rxe stalls 50 s destroying a queue pair that still has them), the queue pair, memory.
@@ -147,8 +148,7 @@ impl RdmaServer {
         let recv_cq = local
             .ctx
             .create_cq((workers * RECV_DEPTH as i32 + 64).min(1 << 20), true)?;
-        // Both wake the event loop: receives are pushes, send completions free room for models
-        // waiting in a backlog.
+        // Both wake the event loop (receives are pushes, send completions free send room).
         for cq in [&send_cq, &recv_cq] {
             end.watch(channel_fd(cq.fd().expect("created with a channel")))?;
             cq.arm()?;
@@ -183,6 +183,9 @@ impl RdmaServer {
     /// once it says it is ready ([`on_ready`](Self::on_ready)).
     fn accept(&mut self, arena: &mut Arena, rank: Rank, payload: &[u8]) -> Result<(), String> {
         let offer = RdmaParams::decode(payload).map_err(|e| e.to_string())?;
+        if offer.is_unable() {
+            return Err("the worker could not set up RDMA on its side (its log says why)".into());
+        }
         if self.peers[rank as usize].is_some() {
             return Err("a second RDMA offer on one connection".into());
         }
@@ -195,9 +198,7 @@ impl RdmaServer {
         }
         let parts = arena.parts().len();
         if parts > MAX_RDMA_PARTS {
-            return Err(format!(
-                "the job has {parts} parts, RDMA takes at most {MAX_RDMA_PARTS} (a window each): use a larger --partition-kib"
-            ));
+            return Err(format!("the job has {parts} parts, RDMA takes at most {MAX_RDMA_PARTS} (a window each): use a larger --partition-kib"));
         }
         let verbs = |e: VerbsError| e.to_string();
         let mut qp = self
@@ -302,7 +303,6 @@ impl RdmaServer {
                 self.end.complete_join(rank);
             }
             _ => {
-                // Without a queue pair there is nothing to tear down, but the peer still goes.
                 let why = "said it was ready for RDMA without an accepted offer";
                 self.remove_peer(arena, rank);
                 self.end.disconnect(arena, rank, why);
