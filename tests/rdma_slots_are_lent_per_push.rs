@@ -1,9 +1,10 @@
 //! Workers that break the RDMA push protocol, against the real server (in CI: inside the
-//! Soft-RoCE guest, tests/guest/). A slot is writable only while it is lent to its worker: a write
-//! after the push gave it back, a write outside the lent slot, and a push that does not give it
-//! back each cost that worker its connection, with the reason in the server's log, while two
-//! honest RDMA workers train on to the end. Outside the guest, with no RDMA device, it prints a
-//! SKIP line (and fails where HETSYNC_REQUIRE_RDMA is set).
+//! Soft-RoCE guest, tests/guest/). A slot is writable only while it is lent to its worker: a
+//! write after the push gave it back, a write outside the lent slot, a push that does not give
+//! it back, and a push over the TCP control connection each cost that worker its connection,
+//! with the reason in the server's log, while two honest RDMA workers train on. Outside the
+//! guest, with no RDMA device, it prints a SKIP line (and fails where HETSYNC_REQUIRE_RDMA is
+//! set).
 #![cfg(feature = "rdma")]
 
 mod common;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::Proc;
 use hetsync_transport::channel::WorkerEnd;
 use hetsync_transport::protocol::rdma::{split_model_imm, with_key_byte, BlockLayout};
-use hetsync_transport::protocol::{FrameKind, Hello, RdmaAccept, RdmaParams};
+use hetsync_transport::protocol::{FrameKind, Header, Hello, RdmaAccept, RdmaParams};
 use hetsync_transport::rdma::verbs::*;
 use memmap2::MmapMut;
 
@@ -296,6 +297,21 @@ fn a_slot_is_writable_only_while_it_is_lent() {
     assert_eq!(rogue.send_stamp(0, None), Ok(Completed::Send));
     let why = rogue.dropped_because();
     assert!(why.contains("without giving its slot back"), "{why}");
+
+    // 4. A push over the TCP control connection, around the window: the slot would be the
+    // server's while the window lent for it stays valid. Refused.
+    let mut rogue = Rogue::join(&addr, 2);
+    let len = rogue.block.data(0).len();
+    let mut frame = Header::new(FrameKind::Push, 0, rogue.round, len as u64)
+        .encode()
+        .to_vec();
+    frame.resize(frame.len() + len, 0);
+    rogue.control.write_all(&frame, "push over TCP").unwrap();
+    let why = rogue.dropped_because();
+    assert!(
+        why.contains("over TCP from a worker whose pushes go over RDMA"),
+        "{why}"
+    );
 
     // The honest workers train on, over RDMA: 30 more rounds once the rogue is gone (the
     // rounds are unbounded so that the run outlasts the rogue however fast the machine; SIGTERM

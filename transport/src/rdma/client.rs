@@ -85,7 +85,10 @@ impl RdmaClient {
         // A receive for every part: the server writes at most one model per part at a time (the
         // join's, or the answer to that part's push), so it never waits for a receive here, even
         // while this worker computes for long without taking its models.
-        let recv_depth = RECV_DEPTH.max(control.parts().len() as u32 + 8);
+        // (Capped at 16,384, what rxe allows a queue pair.)
+        let recv_depth = RECV_DEPTH
+            .max(control.parts().len() as u32 + 8)
+            .min(1 << 14);
         // This side's verbs objects and registrations. When they fail (a low locked-memory
         // limit, most often), the worker says so with an empty endpoint and carries on over TCP
         // if it may: the server declines it like any worker it cannot set up.

@@ -16,6 +16,7 @@
 //! every post says why its buffer outlives the request.
 
 mod client;
+mod peer;
 mod server;
 
 pub use client::{RdmaClient, Upgrade};

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use hetsync_ffi::{
     Access, Completed, Completion, CompletionQueue, Endpoint, ExternalMemory, Gid, MemoryRegion,
-    MemoryWindow, ProtectionDomain, QpCaps, QueuePair, RemoteBuffer, SendOp, VerbsError,
+    MemoryWindow, ProtectionDomain, QpCaps, RemoteBuffer, SendOp, VerbsError,
 };
 
+use super::peer::{wr_id, Peer};
 use super::{
     random_psn, Local, RdmaConfig, BIND_WR, MAX_INFLIGHT, RECV_DEPTH, SEND_DEPTH, STAMP_WR,
 };
@@ -18,72 +19,9 @@ use crate::protocol::rdma::{model_imm, STAMP_LEN};
 use crate::protocol::{FrameKind, RdmaAccept, RdmaParams, MAX_RDMA_PARTS};
 use crate::{Arena, ArenaPin, Event, Key, Rank, SlotState, Transport, TransportError, Version};
 
-/// How long `release` waits for writes reading a version before dropping their peers: short (it
-/// stalls the event loop); an honest worker keeps a receive posted for every part's write.
-const DRAIN_LIMIT: Duration = Duration::from_secs(1);
-
-/// One RDMA-connected worker. Teardown (field) order: the windows (a bound one holds its queue
-/// pair: rxe stalls 50 s destroying a queue pair that still has them), the queue pair, memory.
-struct Peer {
-    /// Per part, a window over this worker's slot of it: bound (lent to the worker) or not.
-    windows: Vec<MemoryWindow>,
-    qp: QueuePair,
-    /// Per part, whether its window is bound: the worker may write that slot.
-    lent: Vec<bool>,
-    /// Window number (the key without its low byte) -> part.
-    by_window: HashMap<u32, Key>,
-    /// Where each posted receive takes a push's clock stamp (one stamp per receive).
-    inbox: MemoryRegion<Vec<u8>>,
-    /// Per part, this worker's slot of it, registered for binding its window only: no region's
-    /// own key is handed out, so a slot is writable only through its bound window. One region
-    /// per slot, not one per block, because some devices (rxe) check a window's writes against
-    /// the region it is bound over rather than against the window.
-    slots: Vec<MemoryRegion<ExternalMemory>>,
-    /// The worker has connected its queue pair and posted its receives: it has joined.
-    ready: bool,
-    /// The worker's model buffer (laid out as the arena's blocks).
-    models: RemoteBuffer,
-    /// Model writes posted and not completed, in posting order (completions come in order).
-    inflight: VecDeque<(Key, Version)>,
-    /// Model writes waiting for room in the send queue.
-    backlog: VecDeque<Key>,
-}
-
-impl Peer {
-    /// Posts receive `i`, which takes a push's stamp into its own place in the inbox.
-    fn post_recv(&self, rank: Rank, i: u32) -> Result<(), VerbsError> {
-        let at = i as usize * STAMP_LEN;
-        // SAFETY: the inbox lives as long as the peer, whose queue pair (declared before it) is
-        // destroyed before it; its stamp `i` is read only after this receive's completion, and
-        // re-posted only after that read.
-        unsafe {
-            self.qp
-                .post_recv(wr_id(rank, u64::from(i)), &self.inbox, at..at + STAMP_LEN)
-        }
-    }
-
-    /// Lends worker `rank`'s slot of part `key` to it: binds the part's window over the slot's
-    /// data, so the worker may write it until its push gives the window back.
-    fn lend(&mut self, rank: Rank, key: Key) -> Result<(), VerbsError> {
-        let slot = &self.slots[key as usize];
-        let window = &mut self.windows[key as usize];
-        // SAFETY: the slot block stays mapped while the server lives (the registration's
-        // contract), and the window is deallocated (field order) before the registration. The
-        // server reads the slot only once it holds it, after the worker's push invalidated the
-        // window (on_recv checks that it did).
-        unsafe {
-            self.qp.post_bind(
-                wr_id(rank, BIND_WR | u64::from(key)),
-                window,
-                slot,
-                0..slot.addr_len().1,
-                Access::REMOTE_WRITE,
-            )?
-        };
-        self.lent[key as usize] = true;
-        Ok(())
-    }
-}
+/// How long `release` waits for writes reading a version before dropping their peers (it
+/// stalls the event loop, but a write may queue behind a hundred others on a busy link).
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// The RDMA transport, server side. Field order is teardown order: queue pairs and
 /// registrations before the CQs, PD and device, and the pin that keeps the registered arena
@@ -246,7 +184,7 @@ impl RdmaServer {
             lid: offer.lid,
         };
         qp.connect(self.local.path, psn, &remote).map_err(verbs)?;
-        let mut peer = Peer {
+        let peer = Peer {
             windows,
             qp,
             lent: vec![false; parts],
@@ -267,13 +205,9 @@ impl RdmaServer {
         for i in 0..RECV_DEPTH {
             peer.post_recv(rank, i).map_err(verbs)?;
         }
-        // Lend every slot the worker holds now. Its first push waits for its first model, which
-        // is written after these binds on the same queue pair, so they are in place by then.
-        for key in 0..parts as Key {
-            if arena.slot_state(rank, key) == SlotState::Lent {
-                peer.lend(rank, key).map_err(verbs)?;
-            }
-        }
+        // Nothing is lent yet: the join's model of each part lends its slot (post_model binds
+        // the window first, within that write's share of the send queue), and the worker pushes
+        // a part only after its model.
         let reply = RdmaAccept {
             params: RdmaParams {
                 qpn: peer.qp.qpn(),
@@ -343,6 +277,11 @@ impl RdmaServer {
                 return self.drop_peer(arena, rank, &why);
             }
         }
+        // The slot is the worker's whenever its model goes out (the server lends, then serves).
+        debug_assert!(
+            peer.lent[key as usize],
+            "a model of part {key} with its slot held"
+        );
         let imm = model_imm(key, peer.windows[key as usize].rkey());
         let (version, _) = arena.start_send(key);
         let block = arena.block_layout();
@@ -413,8 +352,11 @@ impl RdmaServer {
         };
         peer.lent[key as usize] = false;
         let at = (c.wr_id & 0xffff_ffff) as usize * STAMP_LEN;
-        let stamp = &peer.inbox.bytes()[at..at + STAMP_LEN];
-        let clock = u64::from_le_bytes(stamp.try_into().expect("STAMP_LEN bytes"));
+        let addr = peer.inbox.address_of(&(at..at + STAMP_LEN)) as *const [u8; STAMP_LEN];
+        // SAFETY: stamp `at` lies in the inbox, which lives as long as the peer; its receive
+        // completed and is not re-posted yet, so the NIC is not writing it (it may be writing
+        // other stamps: no reference to the whole inbox is made).
+        let clock = u64::from_le_bytes(unsafe { std::ptr::read_volatile(addr) });
         if let Err(e) = peer.post_recv(rank, (c.wr_id & 0xffff_ffff) as u32) {
             return self.drop_peer(arena, rank, &format!("reposting a receive failed: {e}"));
         }
@@ -425,7 +367,11 @@ impl RdmaServer {
     }
 
     fn on_send(&mut self, arena: &mut Arena, c: Completion) {
-        let Some(&rank) = self.by_qpn.get(&c.qp_num) else {
+        let Some(&rank) = self
+            .by_qpn
+            .get(&c.qp_num)
+            .filter(|&&r| r == (c.wr_id >> 32) as Rank)
+        else {
             return; // a late completion of a queue pair already destroyed
         };
         let peer = self.peers[rank as usize].as_mut().expect("found by qpn");
@@ -442,7 +388,9 @@ impl RdmaServer {
         if c.wr_id & (STAMP_WR | BIND_WR) != 0 {
             return;
         }
-        let (key, version) = peer.inflight.pop_front().expect("a model write in flight");
+        let Some((key, version)) = peer.inflight.pop_front() else {
+            return self.drop_peer(arena, rank, "a model write completed twice");
+        };
         arena.end_send(key, version);
         if let Some(next) = peer.backlog.pop_front() {
             self.post_model(arena, rank, next);
@@ -469,10 +417,6 @@ fn channel_fd(fd: std::os::fd::RawFd) -> std::os::fd::BorrowedFd<'static> {
     // SAFETY: the completion channel's fd stays open for as long as the server (which holds the
     // CQ) lives; epoll only records the number and the registration ends when the fd closes.
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
-}
-
-fn wr_id(rank: Rank, n: u64) -> u64 {
-    (u64::from(rank) << 32) | n
 }
 
 impl Transport for RdmaServer {

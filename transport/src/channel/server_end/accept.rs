@@ -99,6 +99,7 @@ impl ServerEnd {
                 out: Outbox::default(),
                 want_write: false,
                 join_pending: false,
+                rdma_data: false,
                 stalled_since: None,
                 challenged: None,
                 close_when_sent: false,

@@ -118,6 +118,7 @@ impl ServerEnd {
         p.rank = Some(hello.rank);
         p.conn.set_joined();
         p.join_pending = hello.rdma;
+        p.rdma_data = hello.rdma;
         self.by_rank[hello.rank as usize] = Some(idx);
         let welcome = Welcome {
             part_bytes: arena.parts().part_bytes() as u64,

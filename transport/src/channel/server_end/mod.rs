@@ -83,6 +83,9 @@ struct Peer {
     want_write: bool,
     /// The hello announced an RDMA offer: the join is reported once the offer is answered.
     join_pending: bool,
+    /// The worker's data moves over RDMA (it offered, and the offer was not declined): a push
+    /// over TCP would write a slot whose window may still be bound, so it is refused.
+    rdma_data: bool,
     /// Since when queued output has made no progress, if it has not all gone out.
     stalled_since: Option<Instant>,
     /// A hello waiting for the answer to the server's challenge.
@@ -314,6 +317,9 @@ impl ServerEnd {
     /// Answers worker `rank`'s RDMA offer with "no" (it carries on over TCP) and reports it as
     /// joined.
     pub fn decline_offer(&mut self, arena: &mut Arena, rank: Rank) {
+        if let Some(idx) = self.index(rank) {
+            self.peers[idx].as_mut().expect("live peer").rdma_data = false;
+        }
         self.send_control(arena, rank, FrameKind::RdmaConnect, &[]);
         self.complete_join(rank);
     }
@@ -377,6 +383,12 @@ impl ServerEnd {
         let p = self.peers[idx].as_mut().expect("live peer");
         let got = match p.conn.target() {
             Target::Buf(buf) => read_nonblocking(&mut p.stream, buf),
+            Target::Slot { .. } if p.rdma_data => {
+                return Err(p.proto_err(ProtocolError::Unexpected {
+                    kind: FrameKind::Push,
+                    when: "over TCP from a worker whose pushes go over RDMA",
+                }));
+            }
             Target::Slot { key, range } => {
                 let rank = p.rank.expect("pushes only after the handshake");
                 let Some(slot) = arena.receive_into(rank, key) else {
