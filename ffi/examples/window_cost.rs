@@ -113,8 +113,8 @@ fn main() {
     let mut windowed = |server: &mut Side, worker: &mut Side| {
         let t = Instant::now();
         worker.qp.post_recv_imm(0).unwrap();
-        // SAFETY: as above; the window goes before `slot_lent` (declared after it... dropped at
-        // the end of main in reverse order), and the slot is not read here.
+        // SAFETY: as above; `window`, declared after `slot_lent`, is dropped before it, and the
+        // slot is never read.
         unsafe {
             server.qp.post_recv(0, &inbox, 0..8).unwrap();
             let rkey = server
