@@ -223,6 +223,18 @@ impl Rogue {
     }
 }
 
+/// Checks the rogue's write failed at the server's NIC (`what` says why it must), and that the
+/// server then dropped the rogue for its broken queue pair.
+fn refused_then_dropped(rogue: Rogue, write: Result<Completed, CompletionError>, what: &str) {
+    let err = write.expect_err(what);
+    assert!(
+        err.is_remote_access(),
+        "expected a remote access error, got {err}"
+    );
+    let why = rogue.dropped_because();
+    assert!(why.contains("queue pair failed"), "{why}");
+}
+
 #[test]
 fn a_slot_is_writable_only_while_it_is_lent() {
     if !common::rdma_here() {
@@ -265,28 +277,14 @@ fn a_slot_is_writable_only_while_it_is_lent() {
         "a lent slot takes a write"
     );
     assert_eq!(rogue.send_stamp(0, Some(lent)), Ok(Completed::Send));
-    let err = rogue
-        .write(0, at, lent)
-        .expect_err("a slot given back must refuse writes");
-    assert!(
-        err.is_remote_access(),
-        "expected a remote access error, got {err}"
-    );
-    let why = rogue.dropped_because();
-    assert!(why.contains("queue pair failed"), "{why}");
+    let refused = rogue.write(0, at, lent);
+    refused_then_dropped(rogue, refused, "a slot given back must refuse writes");
 
     // 2. A write with part 0's window into part 1's slot: outside what was lent.
     let mut rogue = Rogue::join(&addr, 2);
     let part1 = rogue.block.data(1).start as u64;
-    let err = rogue
-        .write(0, part1, rogue.windows[0])
-        .expect_err("a window reaches only its own slot");
-    assert!(
-        err.is_remote_access(),
-        "expected a remote access error, got {err}"
-    );
-    let why = rogue.dropped_because();
-    assert!(why.contains("queue pair failed"), "{why}");
+    let refused = rogue.write(0, part1, rogue.windows[0]);
+    refused_then_dropped(rogue, refused, "a window reaches only its own slot");
 
     // 3. A push whose send does not give the slot back.
     let mut rogue = Rogue::join(&addr, 2);
