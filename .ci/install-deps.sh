@@ -6,13 +6,14 @@
 #   gcc, libc6-dev      the linker Rust uses
 #   fonts-dejavu-core   the font the straggler graph (PNG) is drawn with
 #   libibverbs-dev librdmacm-dev libclang-dev pkg-config   building the RDMA verbs crate (ffi/)
+#   python3 python3-venv  the Python package (python/): a virtual environment to pip-install it into
 # With --tests, also what the test suite runs for real:
 #   slurmctld slurmd slurm-client munge   a three-node Slurm on this machine (tests/slurm/)
 #   qemu-system-x86 rdma-core ibverbs-utils ibverbs-providers busybox-static iproute2 cpio kmod
 #                                         a Soft-RoCE guest for the RDMA tests (tests/guest/)
 set -euo pipefail
 
-packages=(gcc libc6-dev fonts-dejavu-core libibverbs-dev librdmacm-dev libclang-dev pkg-config)
+packages=(gcc libc6-dev fonts-dejavu-core libibverbs-dev librdmacm-dev libclang-dev pkg-config python3 python3-venv)
 case "${1:-}" in
   --tests)
     packages+=(slurmctld slurmd slurm-client munge)

@@ -234,6 +234,24 @@ impl Client {
         );
     }
 
+    /// Whether tensor `key`'s model is awaited: pushed (or never received) and not back yet.
+    /// Its buffers may not be touched then ([`model`](Self::model) and
+    /// [`tensor`](Self::tensor) panic).
+    pub fn awaiting(&self, key: usize) -> bool {
+        !self.shutdown && self.awaited[key] > 0
+    }
+
+    /// Whether tensor `key` was pushed since the last [`clock`](Self::clock): under a
+    /// vector-clock policy it may not be pushed again before then.
+    pub fn pushed(&self, key: usize) -> bool {
+        self.touched[key]
+    }
+
+    /// Whether the server ended the run (said goodbye, or this worker left).
+    pub fn finished(&self) -> bool {
+        self.shutdown
+    }
+
     /// The round of tensor `key`'s model: the oldest round among its parts.
     pub fn round(&self, key: usize) -> Clock {
         let parts = self.link.parts().of_tensor(key);

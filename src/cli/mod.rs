@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::experiment::Stragglers;
 use crate::server::LateMode;
-use crate::sync::{BarrierMode, SyncMode};
+use crate::sync::SyncMode;
 
 /// A failure to report to the user, with its chain of causes.
 pub type CliError = Box<dyn Error + Send + Sync>;
@@ -220,14 +220,8 @@ impl ModelArgs {
 impl Policy {
     fn mode(self, timeout_ms: f64, staleness: u64) -> SyncMode {
         let t = Duration::from_secs_f64(timeout_ms / 1e3);
-        match self {
-            Policy::Naive => SyncMode::Barrier(BarrierMode::Naive),
-            Policy::Timeout => SyncMode::Barrier(BarrierMode::Timeout(t)),
-            Policy::Adaptive => SyncMode::Barrier(BarrierMode::Adaptive(t)),
-            Policy::Bsp => SyncMode::Clocks(Some(0)),
-            Policy::Ssp => SyncMode::Clocks(Some(staleness)),
-            Policy::Asp => SyncMode::Clocks(None),
-        }
+        let name = self.to_possible_value().expect("no policy is hidden");
+        SyncMode::named(name.get_name(), t, staleness).expect("every policy has a name")
     }
 
     /// The policy and its parameters in words, for the server's first lines.
@@ -332,6 +326,11 @@ struct ServerArgs {
     /// for bit, at its rounds; workers reconnect by themselves. Usually the --checkpoint file.
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
+    /// Start from the model in FILE instead of zeros: every tensor in key order, raw
+    /// little-endian f32, as --save-model writes it (numpy: model.astype("<f4").tofile(FILE)).
+    /// Ignored when --resume finds a checkpoint.
+    #[arg(long, value_name = "FILE")]
+    init_model: Option<PathBuf>,
     /// How long a connection may take from connecting to joining (its hello, and over RDMA its
     /// offer) before it is dropped.
     #[arg(long, default_value_t = 10_000.0, value_name = "MS", value_parser = positive_ms)]
@@ -554,46 +553,4 @@ pub fn main() -> ExitCode {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::CommandFactory;
-
-    #[test]
-    fn cli_definition_is_valid() {
-        Cli::command().debug_assert();
-    }
-
-    fn parses(args: &str) -> bool {
-        Cli::try_parse_from(args.split_whitespace()).is_ok()
-    }
-
-    #[test]
-    fn timeouts_must_be_positive() {
-        let server = "hetsync server --workers 2 --dim 4";
-        assert!(parses("hetsync server --workers 2 --dims 4,5,6"));
-        assert!(!parses("hetsync server --workers 2 --dims 4 --dim 4"));
-        assert!(!parses("hetsync server --workers 2"));
-        assert!(!parses("hetsync server --workers 2 --dims 4,0"));
-        assert!(!parses(&format!("{server} --partition-kib 0")));
-        assert!(!parses(&format!("{server} --timeout-ms 0")));
-        assert!(parses(&format!("{server} --timeout-ms 0.5")));
-        let worker = "hetsync worker --server x:1 --rank 0 --dim 4";
-        assert!(!parses(&format!("{worker} --compute-ms -1")));
-        assert!(parses(&format!("{worker} --compute-ms 0")));
-        assert!(parses(&format!(
-            "{worker} --straggle-ms 9 --straggle-prob 0.25"
-        )));
-        assert!(!parses(&format!(
-            "{worker} --straggle-ms 9 --straggle-prob 1.5"
-        )));
-        assert!(!parses(&format!("{worker} --straggle-prob 0.5")));
-        for p in ["naive", "timeout", "adaptive", "bsp", "ssp", "asp"] {
-            assert!(parses(&format!("{server} --policy {p}")), "{p}");
-        }
-        assert!(parses(&format!(
-            "{server} --policy ssp --staleness 2 --trace t"
-        )));
-        assert!(!parses(&format!("{server} --policy ssp --staleness 0")));
-        assert!(parses(&format!("{server} --policy timeout --late drop")));
-    }
-}
+mod tests;

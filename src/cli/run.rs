@@ -80,6 +80,7 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         checkpoint: a.checkpoint.clone(),
         checkpoint_every: a.checkpoint_every,
         resume: a.resume.clone(),
+        init_model: a.init_model.as_deref().map(read_model).transpose()?,
     })?;
     let mut policy = a.policy.describe(timeout_ms, staleness);
     if timed {
@@ -242,4 +243,22 @@ pub(super) fn status(a: StatusArgs) -> Result<(), CliError> {
         s["participants"], s["late_folded"], s["dropped"], s["joins"], s["departures"], s["evicted"], s["refused"], s["refused_by_reason"], s["checkpoints"], s["resumed_at"],
     );
     Ok(())
+}
+
+/// Reads a model file: raw little-endian f32, as `--save-model` writes it.
+fn read_model(path: &std::path::Path) -> Result<Vec<f32>, CliError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("reading the initial model {}: {e}", path.display()))?;
+    if bytes.len() % 4 != 0 {
+        return Err(format!(
+            "the initial model {} has {} bytes, not a whole number of f32 (4 bytes each)",
+            path.display(),
+            bytes.len()
+        )
+        .into());
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }

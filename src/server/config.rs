@@ -73,6 +73,9 @@ pub struct ServerConfig {
     pub checkpoint_every: u64,
     /// Continue from this checkpoint (the model bit for bit, every part's round and clock).
     pub resume: Option<PathBuf>,
+    /// The model to start from: every tensor in key order, concatenated (`None`: zeros). A
+    /// checkpoint to resume from takes precedence.
+    pub init_model: Option<Vec<f32>>,
 }
 
 impl ServerConfig {
@@ -106,6 +109,7 @@ impl ServerConfig {
             checkpoint: None,
             checkpoint_every: 10,
             resume: None,
+            init_model: None,
         }
     }
 }

@@ -146,8 +146,29 @@ impl<T: Transport> Server<T> {
         };
         if let Some(saved) = resumed {
             server.resume(saved);
+        } else if let Some(init) = server.cfg.init_model.take() {
+            server.start_from(&init)?;
         }
         Ok(server)
+    }
+
+    /// Sets the model (every tensor in key order) before training: round 0 holds `init`.
+    fn start_from(&mut self, init: &[f32]) -> Result<(), ServerError> {
+        let floats: usize = self.arena.parts().dims().iter().sum();
+        if init.len() != floats {
+            return Err(ServerError::Config(format!(
+                "the initial model has {} floats; the job's tensors ({:?}) have {floats}",
+                init.len(),
+                self.arena.parts().dims()
+            )));
+        }
+        let mut at = 0;
+        for key in 0..self.arena.parts().len() as Key {
+            let n = self.arena.parts()[key].len;
+            self.arena.restore(key, &init[at..at + n], 0);
+            at += n;
+        }
+        Ok(())
     }
 
     /// Puts every part's model, round and clock back from a checkpoint.

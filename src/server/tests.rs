@@ -114,3 +114,36 @@ fn stop_is_seen_even_before_any_worker_joins() {
         assert_eq!(report.stats.rounds, 0);
     });
 }
+
+#[test]
+fn workers_start_from_the_initial_model_given_and_a_wrong_size_is_refused() {
+    let dims = vec![3, 700_000]; // the second tensor in parts (1 MiB each)
+    let init: Vec<f32> = (0..dims.iter().sum::<usize>()).map(|i| i as f32).collect();
+    let cfg = |init: Vec<f32>| ServerConfig {
+        mode: SyncMode::NAIVE,
+        rounds: Some(1),
+        transport: Choice::Tcp,
+        init_model: Some(init),
+        ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), 1, dims.clone())
+    };
+    let err = Server::bind(cfg(vec![0.0; 10])).unwrap_err();
+    assert!(
+        err.to_string().contains("the initial model has 10 floats"),
+        "{err}"
+    );
+    let (server, _) = Server::bind(cfg(init.clone())).unwrap();
+    let addr = server.local_addr().to_string();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let run = s.spawn(|| server.run(&stop));
+        let mut opts = crate::client::ConnectOptions::new(&addr, 0, dims.clone());
+        opts.transport = Choice::Tcp;
+        let mut c = crate::client::Client::connect(&opts).unwrap();
+        c.wait_all().unwrap();
+        assert_eq!(c.model(0), &init[..3]);
+        assert_eq!(c.model(1), &init[3..]);
+        c.bye().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        run.join().unwrap().unwrap();
+    });
+}

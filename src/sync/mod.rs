@@ -41,6 +41,21 @@ impl SyncMode {
         SyncMode::Barrier(BarrierMode::Timeout(t))
     }
 
+    /// The policy called `name` (`naive`, `timeout`, `adaptive`, `bsp`, `ssp` or `asp`), with
+    /// `timeout` for the barriers that have one (adaptive: its start and cap) and `staleness`
+    /// for `ssp`. `None` for any other name.
+    pub fn named(name: &str, timeout: Duration, staleness: u64) -> Option<Self> {
+        Some(match name {
+            "naive" => SyncMode::NAIVE,
+            "timeout" => SyncMode::Barrier(BarrierMode::Timeout(timeout)),
+            "adaptive" => SyncMode::Barrier(BarrierMode::Adaptive(timeout)),
+            "bsp" => SyncMode::Clocks(Some(0)),
+            "ssp" => SyncMode::Clocks(Some(staleness)),
+            "asp" => SyncMode::Clocks(None),
+            _ => return None,
+        })
+    }
+
     /// The policy's name: `naive`, `timeout`, `adaptive`, `bsp`, `ssp` or `asp`.
     pub fn name(self) -> &'static str {
         match self {

@@ -447,3 +447,22 @@ fn start_goes_on_with_the_workers_present_and_awaited_names_the_missing() {
     ));
     assert!(b.awaited().is_empty());
 }
+
+#[test]
+fn every_policy_is_found_by_its_name_and_no_other_name_is() {
+    let t = Duration::from_millis(7);
+    for name in ["naive", "timeout", "adaptive", "bsp", "ssp", "asp"] {
+        let mode = SyncMode::named(name, t, 3).unwrap();
+        assert_eq!(mode.name(), name);
+    }
+    assert_eq!(
+        SyncMode::named("ssp", t, 5),
+        Some(SyncMode::Clocks(Some(5)))
+    );
+    assert_eq!(
+        SyncMode::named("timeout", t, 5),
+        Some(SyncMode::Barrier(BarrierMode::Timeout(t)))
+    );
+    assert_eq!(SyncMode::named("SSP", t, 3), None);
+    assert_eq!(SyncMode::named("", t, 3), None);
+}

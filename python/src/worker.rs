@@ -1,0 +1,408 @@
+//! `hetsync.Worker`: a training process's connection to the server.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::choice;
+use hetsync::client::{Client, ConnectOptions, Status};
+use hetsync::sync::PushClock;
+use numpy::PyArrayDyn;
+use pyo3::exceptions::{PyIndexError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::arrays::{copy_into, copy_out, float32, view};
+use crate::{failed, HetSyncError};
+
+/// A worker's connection to a Het-Sync server: push gradients, pull models.
+///
+/// ``Worker(server, rank=None, *, dims, workers=None, transport="auto", secret_file=None,
+/// connect_timeout=60.0, rdma_device=None, gid_index=None)`` connects to ``server``
+/// (``"HOST:PORT"``) and joins the job as ``rank``. Without ``rank``, the rank and the job size
+/// come from Slurm (``SLURM_PROCID``, ``SLURM_NTASKS``). ``dims`` gives every tensor (key) in
+/// key order, as an element count or a shape tuple; it must match the server's.
+///
+/// Models come back as read-only float32 arrays over the link's own model buffer (on RDMA, the
+/// memory the server writes into): no copy. Such an array shows the key's latest model until
+/// the key is pushed again; from then until the next pull its contents are being replaced, so
+/// keep a copy (``pull(key, out=...)`` or ``.copy()``) to hold on to one. Gradients are copied
+/// once into the link's gradient buffer, or not at all when written into ``gradient(key)``.
+///
+/// Every wait releases the GIL. Errors of the connection or the server raise ``HetSyncError``
+/// with the Rust message; a wrong dtype raises ``TypeError``, a wrong size ``ValueError``, a
+/// key out of range ``IndexError``.
+#[pyclass(module = "hetsync._native", subclass)]
+pub struct Worker {
+    client: Client,
+    shapes: Vec<Vec<usize>>,
+    rank: u32,
+    workers: u32,
+    closed: bool,
+}
+
+/// The rank and job size: as given, else from Slurm's variables.
+fn rank_and_size(rank: Option<u32>, workers: Option<u32>) -> PyResult<(u32, u32)> {
+    let env = |name: &str| -> PyResult<Option<u32>> {
+        match std::env::var(name) {
+            Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+                PyValueError::new_err(format!("{name}={v:?} is not a non-negative integer"))
+            }),
+            Err(_) => Ok(None),
+        }
+    };
+    let rank = match rank {
+        Some(r) => r,
+        None => env("SLURM_PROCID")?.ok_or_else(|| {
+            PyValueError::new_err(
+                "no rank: pass rank=..., or run under Slurm (srun sets SLURM_PROCID)",
+            )
+        })?,
+    };
+    let workers = match workers {
+        Some(w) => w,
+        None => env("SLURM_NTASKS")?.unwrap_or(0),
+    };
+    if workers != 0 && rank >= workers {
+        return Err(PyValueError::new_err(format!(
+            "rank {rank} is not below the job's {workers} workers"
+        )));
+    }
+    Ok((rank, workers))
+}
+
+/// Every tensor's shape: an element count is a 1-D shape.
+pub(crate) fn shapes_of(dims: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<usize>>> {
+    let bad = || {
+        PyValueError::new_err(
+            "dims must list every tensor as an element count or a shape tuple, e.g. [(64, 10), 10]",
+        )
+    };
+    let mut shapes = Vec::new();
+    for item in dims.try_iter().map_err(|_| bad())? {
+        let item = item?;
+        let shape = match item.extract::<usize>() {
+            Ok(n) => vec![n],
+            Err(_) => item.extract::<Vec<usize>>().map_err(|_| bad())?,
+        };
+        if shape.iter().product::<usize>() == 0 {
+            return Err(PyValueError::new_err(format!(
+                "tensor {} has shape {shape:?}: every tensor needs at least one element",
+                shapes.len()
+            )));
+        }
+        shapes.push(shape);
+    }
+    if shapes.is_empty() {
+        return Err(bad());
+    }
+    Ok(shapes)
+}
+
+impl Worker {
+    fn check_open(&self) -> PyResult<()> {
+        if self.closed {
+            return Err(HetSyncError::new_err(format!(
+                "worker {} is closed: create a new Worker to rejoin",
+                self.rank
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_key(&self, key: usize) -> PyResult<()> {
+        if key >= self.shapes.len() {
+            return Err(PyIndexError::new_err(format!(
+                "key {key} out of range: the job has {} tensors",
+                self.shapes.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn len(&self, key: usize) -> usize {
+        self.shapes[key].iter().product()
+    }
+
+    /// Raises unless `key` may be pushed now.
+    fn check_pushable(&self, key: usize) -> PyResult<()> {
+        if self.client.awaiting(key) {
+            return Err(HetSyncError::new_err(format!(
+                "key {key}'s model is not back yet (since its last push, or the job's start): pull({key}) before pushing it"
+            )));
+        }
+        if self.client.push_clock() == PushClock::WorkerClock && self.client.pushed(key) {
+            return Err(HetSyncError::new_err(format!(
+                "key {key} was pushed already in this iteration: call clock() between iterations"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `grad` (when given) into key's gradient buffer.
+    fn take_gradient(&mut self, key: usize, grad: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        if let Some(grad) = grad {
+            let what = format!("key {key}'s gradient");
+            let grad = float32(grad, self.len(key), &what)?;
+            copy_into(&grad, self.client.tensor(key).1)?;
+        }
+        Ok(())
+    }
+}
+
+/// The model of `key` as a read-only view owned by `this`.
+fn model_view<'py>(this: &Bound<'py, Worker>, key: usize) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let w = this.borrow();
+    let model = w.client.model(key);
+    let (ptr, len, shape) = (model.as_ptr(), model.len(), w.shapes[key].clone());
+    drop(w);
+    // SAFETY: the link's buffers are mapped once at connect and unmapped only when the Client
+    // drops, which happens only when the Worker (the array's base) is freed; close() keeps them.
+    unsafe { view(this.clone().into_any(), ptr, len, &shape, false) }
+}
+
+#[pymethods]
+impl Worker {
+    #[new]
+    #[pyo3(signature = (server, rank=None, *, dims, workers=None, transport="auto", secret_file=None, connect_timeout=60.0, rdma_device=None, gid_index=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        server: &str,
+        rank: Option<u32>,
+        dims: &Bound<'_, PyAny>,
+        workers: Option<u32>,
+        transport: &str,
+        secret_file: Option<PathBuf>,
+        connect_timeout: f64,
+        rdma_device: Option<String>,
+        gid_index: Option<u8>,
+    ) -> PyResult<Self> {
+        let (rank, workers) = rank_and_size(rank, workers)?;
+        let shapes = shapes_of(dims)?;
+        let mut opts = ConnectOptions::new(
+            server,
+            rank,
+            shapes.iter().map(|s| s.iter().product()).collect(),
+        );
+        opts.workers = workers;
+        opts.transport = choice(transport)?;
+        opts.rdma.device = rdma_device;
+        opts.rdma.gid_index = gid_index;
+        if !(connect_timeout.is_finite() && connect_timeout >= 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "connect_timeout must be a number of seconds >= 0, got {connect_timeout}"
+            )));
+        }
+        opts.connect_wait = Duration::from_secs_f64(connect_timeout);
+        opts.secret = secret_file.as_deref().map(crate::read_secret).transpose()?;
+        let client = py
+            .detach(|| Client::connect(&opts))
+            .map_err(|e| failed(&format!("worker {rank} joining {server}"), &e))?;
+        Ok(Self {
+            client,
+            shapes,
+            rank,
+            workers,
+            closed: false,
+        })
+    }
+
+    /// This worker's rank.
+    #[getter]
+    fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// Workers in the job as this worker was told (0: left to the server).
+    #[getter]
+    fn workers(&self) -> u32 {
+        self.workers
+    }
+
+    /// Every tensor's shape, in key order.
+    #[getter]
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        self.shapes.clone()
+    }
+
+    /// Every tensor's element count, in key order.
+    #[getter]
+    fn dims(&self) -> Vec<usize> {
+        self.client.dims().to_vec()
+    }
+
+    /// Which transport the connection uses, and why, in one line.
+    #[getter]
+    fn transport(&self) -> String {
+        self.client.transport().to_string()
+    }
+
+    /// Whether the server ended the run (or this worker closed): pulls return the last model,
+    /// pushes do nothing.
+    #[getter]
+    fn finished(&self) -> bool {
+        self.client.finished()
+    }
+
+    /// Iterations this worker completed (``clock()`` calls).
+    #[getter]
+    fn clock_count(&self) -> u64 {
+        self.client.worker_clock()
+    }
+
+    /// The round of key's latest model: how many updates it has seen.
+    fn round(&self, key: usize) -> PyResult<u64> {
+        self.check_key(key)?;
+        Ok(self.client.round(key))
+    }
+
+    /// Waits (without the GIL) until key's model is back, then returns it: a read-only view of
+    /// the link's model buffer, or, with ``out`` (a writable float32 array of the same size),
+    /// a copy into ``out``, which is returned.
+    #[pyo3(signature = (key, out=None))]
+    fn pull<'py>(
+        this: &Bound<'py, Self>,
+        key: usize,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let py = this.py();
+        {
+            let mut w = this.borrow_mut();
+            w.check_open()?;
+            w.check_key(key)?;
+            let out_ok = out
+                .map(|o| float32(o, w.len(key), &format!("pull({key})'s out")))
+                .transpose()?;
+            let client = &mut w.client;
+            py.detach(|| client.wait(key))
+                .map_err(|e| failed(&format!("pulling key {key}"), &e))?;
+            if let Some(out) = out_ok {
+                copy_out(w.client.model(key), &out)?;
+                return Ok(out);
+            }
+        }
+        model_view(this, key)
+    }
+
+    /// Key's gradient buffer as a writable float32 array: compute the gradient into it (e.g.
+    /// ``np.matmul(a, b, out=g)``) and ``push(key)`` sends it without any copy. Only between a
+    /// pull of the key and its next push.
+    fn gradient<'py>(this: &Bound<'py, Self>, key: usize) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let (ptr, len, shape) = {
+            let mut w = this.borrow_mut();
+            w.check_open()?;
+            w.check_key(key)?;
+            if w.client.awaiting(key) {
+                return Err(HetSyncError::new_err(format!(
+                    "key {key}'s gradient buffer is being sent: pull({key}) first"
+                )));
+            }
+            let shape = w.shapes[key].clone();
+            let grad = w.client.tensor(key).1;
+            (grad.as_mut_ptr() as *const f32, grad.len(), shape)
+        };
+        // SAFETY: as for models: the buffer lives as long as the Worker, the array's base.
+        unsafe { view(this.clone().into_any(), ptr, len, &shape, true) }
+    }
+
+    /// Pushes key's gradient: ``grad`` (float32, the tensor's size, any shape) is copied into
+    /// the link's gradient buffer first; without it (or when it is ``gradient(key)`` itself)
+    /// the buffer is sent as it is. Pull the key before pushing it again; under a vector-clock
+    /// policy (bsp, ssp, asp) call ``clock()`` between iterations.
+    #[pyo3(signature = (key, grad=None))]
+    fn push(
+        &mut self,
+        py: Python<'_>,
+        key: usize,
+        grad: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        self.check_open()?;
+        self.check_key(key)?;
+        if self.client.finished() {
+            return Ok(());
+        }
+        self.check_pushable(key)?;
+        self.take_gradient(key, grad)?;
+        let client = &mut self.client;
+        py.detach(|| client.push(key))
+            .map_err(|e| failed(&format!("pushing key {key}"), &e))
+    }
+
+    /// Ends this worker's iteration (Angel's clock): under bsp/ssp/asp the reads that follow are
+    /// at the next clock.
+    fn clock(&mut self) -> PyResult<()> {
+        self.check_open()?;
+        self.client.clock();
+        Ok(())
+    }
+
+    /// One training step's communication for every key: copies ``grads`` (one float32 array
+    /// per key, or ``None`` to send the gradient buffers as they are) in, pushes every key
+    /// (pipelined: the server answers each part as it arrives), ticks the clock and waits
+    /// (without the GIL) for every model. Returns the models, read-only views as ``pull``'s.
+    #[pyo3(signature = (grads=None))]
+    fn step<'py>(
+        this: &Bound<'py, Self>,
+        grads: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let py = this.py();
+        let keys = {
+            let mut w = this.borrow_mut();
+            w.check_open()?;
+            let keys = w.shapes.len();
+            if !w.client.finished() {
+                for key in 0..keys {
+                    w.check_pushable(key)?;
+                }
+                if let Some(grads) = grads {
+                    let grads: Vec<Bound<'py, PyAny>> =
+                        grads.try_iter()?.collect::<Result<_, _>>()?;
+                    if grads.len() != keys {
+                        return Err(PyValueError::new_err(format!(
+                            "step() got {} gradients; the job has {keys} tensors",
+                            grads.len()
+                        )));
+                    }
+                    for (key, g) in grads.iter().enumerate() {
+                        w.take_gradient(key, Some(g))?;
+                    }
+                }
+                let client = &mut w.client;
+                let status = py
+                    .detach(|| client.step())
+                    .map_err(|e| failed("a step (push every key, wait for every model)", &e))?;
+                debug_assert!(status == Status::Ready || w.client.finished());
+            }
+            keys
+        };
+        let models = (0..keys)
+            .map(|k| model_view(this, k))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, models)
+    }
+
+    /// Tells the server this worker is leaving. Arrays already handed out stay valid; every
+    /// later call raises ``HetSyncError``. Closing twice does nothing.
+    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
+        if std::mem::replace(&mut self.closed, true) {
+            return Ok(());
+        }
+        let was_finished = self.client.finished();
+        let client = &mut self.client;
+        match py.detach(|| client.bye_and_stay()) {
+            // A server that already ended the run may have closed the connection.
+            Err(_) if was_finished => Ok(()),
+            r => r.map_err(|e| failed(&format!("worker {} leaving", self.rank), &e)),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Worker(rank={}, tensors={}, {}{})",
+            self.rank,
+            self.shapes.len(),
+            self.client.transport(),
+            if self.closed { ", closed" } else { "" }
+        )
+    }
+}

@@ -1,0 +1,43 @@
+//! The command line's definition and parsing rules.
+
+use super::*;
+use clap::CommandFactory;
+
+#[test]
+fn cli_definition_is_valid() {
+    Cli::command().debug_assert();
+}
+
+fn parses(args: &str) -> bool {
+    Cli::try_parse_from(args.split_whitespace()).is_ok()
+}
+
+#[test]
+fn timeouts_must_be_positive() {
+    let server = "hetsync server --workers 2 --dim 4";
+    assert!(parses("hetsync server --workers 2 --dims 4,5,6"));
+    assert!(!parses("hetsync server --workers 2 --dims 4 --dim 4"));
+    assert!(!parses("hetsync server --workers 2"));
+    assert!(!parses("hetsync server --workers 2 --dims 4,0"));
+    assert!(!parses(&format!("{server} --partition-kib 0")));
+    assert!(!parses(&format!("{server} --timeout-ms 0")));
+    assert!(parses(&format!("{server} --timeout-ms 0.5")));
+    let worker = "hetsync worker --server x:1 --rank 0 --dim 4";
+    assert!(!parses(&format!("{worker} --compute-ms -1")));
+    assert!(parses(&format!("{worker} --compute-ms 0")));
+    assert!(parses(&format!(
+        "{worker} --straggle-ms 9 --straggle-prob 0.25"
+    )));
+    assert!(!parses(&format!(
+        "{worker} --straggle-ms 9 --straggle-prob 1.5"
+    )));
+    assert!(!parses(&format!("{worker} --straggle-prob 0.5")));
+    for p in ["naive", "timeout", "adaptive", "bsp", "ssp", "asp"] {
+        assert!(parses(&format!("{server} --policy {p}")), "{p}");
+    }
+    assert!(parses(&format!(
+        "{server} --policy ssp --staleness 2 --trace t"
+    )));
+    assert!(!parses(&format!("{server} --policy ssp --staleness 0")));
+    assert!(parses(&format!("{server} --policy timeout --late drop")));
+}
