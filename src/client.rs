@@ -77,7 +77,7 @@
 //! # }
 //! ```
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hetsync_transport::any::{AnyLink, Choice, RdmaSelect};
 use hetsync_transport::auth::Secret;
@@ -338,6 +338,39 @@ impl Client {
         Ok(Status::Ready)
     }
 
+    /// Like [`wait`](Self::wait) (`key` given) or [`wait_all`](Self::wait_all) (`None`), for at
+    /// most about `timeout`: `None` when the models are not all in by then, or a signal
+    /// interrupted the wait. A caller that must react to signals (Python's Ctrl-C) waits in
+    /// slices with it.
+    pub fn wait_for(
+        &mut self,
+        key: Option<usize>,
+        timeout: Duration,
+    ) -> Result<Option<Status>, LinkError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending = match key {
+                Some(k) => self.awaited[k] > 0,
+                None => self.awaited.iter().any(|&n| n > 0),
+            };
+            if !pending {
+                return Ok(Some(Status::Ready));
+            }
+            if self.shutdown {
+                return Ok(Some(Status::Shutdown));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.link.wait_model_for(Some(left))? {
+                None => return Ok(None),
+                Some(incoming) => {
+                    if self.take(incoming) == Status::Shutdown {
+                        return Ok(Some(Status::Shutdown));
+                    }
+                }
+            }
+        }
+    }
+
     /// One training step's communication: pushes every key's gradient (all parts, pipelined:
     /// the server sums and answers each part as it arrives), ticks the clock, then waits for
     /// every model.
@@ -353,18 +386,24 @@ impl Client {
         if self.shutdown {
             return Ok(Status::Shutdown);
         }
-        match self.link.wait_model()? {
+        let incoming = self.link.wait_model()?;
+        Ok(self.take(incoming))
+    }
+
+    /// Records what came in: a part's model, or the end of the run.
+    fn take(&mut self, incoming: Incoming) -> Status {
+        match incoming {
             Incoming::Model { key, round } => {
                 let p = key as usize;
                 self.rounds[p] = round;
                 if std::mem::take(&mut self.awaiting[p]) {
                     self.awaited[self.link.parts()[key].tensor as usize] -= 1;
                 }
-                Ok(Status::Ready)
+                Status::Ready
             }
             Incoming::Shutdown => {
                 self.shutdown = true;
-                Ok(Status::Shutdown)
+                Status::Shutdown
             }
         }
     }

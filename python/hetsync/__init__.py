@@ -40,7 +40,15 @@ class _Closes:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> bool:
-        self.close()  # type: ignore[attr-defined]
+        if exc_type is None:
+            self.close()  # type: ignore[attr-defined]
+        else:
+            # Leaving on an error: close as well as possible, and let that error through
+            # rather than one from saying goodbye on a connection it may have broken.
+            try:
+                self.close()  # type: ignore[attr-defined]
+            except HetSyncError:
+                pass
         return False
 
 

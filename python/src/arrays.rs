@@ -35,11 +35,11 @@ pub(crate) unsafe fn view<'py>(
     Ok(array)
 }
 
-/// `obj` as a float32 NumPy array of `len` elements, or a `TypeError`/`ValueError` naming what
-/// is wrong (`what`: e.g. "key 2's gradient").
+/// `obj` as a float32 NumPy array of the tensor's `shape` (or flat, of its size), or a
+/// `TypeError`/`ValueError` naming what is wrong (`what`: e.g. "key 2's gradient").
 pub(crate) fn float32<'py>(
     obj: &Bound<'py, PyAny>,
-    len: usize,
+    shape: &[usize],
     what: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let Ok(array) = obj.cast::<PyArrayDyn<f32>>() else {
@@ -51,42 +51,60 @@ pub(crate) fn float32<'py>(
             "{what} must be a float32 NumPy array, got {dtype} (use np.asarray(x, dtype=np.float32))"
         )));
     };
-    if array.len() != len {
+    let len: usize = shape.iter().product();
+    if array.shape() != shape && array.shape() != [len] {
         return Err(PyValueError::new_err(format!(
-            "{what} has {} floats (shape {:?}); the job's tensor has {len}",
-            array.len(),
+            "{what} has shape {:?}; the job's tensor has shape {shape:?} ({len} floats; a flat array of {len} will do too)",
             array.shape()
         )));
     }
     Ok(array.clone())
 }
 
-/// Copies `src` (any layout) into `dst`, unless it is `dst` itself.
+/// Copies `src` into `dst` in its logical (C) order, whatever its layout, unless it is `dst`
+/// itself.
 pub(crate) fn copy_into(src: &Bound<'_, PyArrayDyn<f32>>, dst: &mut [f32]) -> PyResult<()> {
-    if std::ptr::eq(src.data(), dst.as_ptr()) && src.is_c_contiguous() {
+    let contiguous = src.is_c_contiguous();
+    if contiguous && std::ptr::eq(src.data(), dst.as_ptr()) {
         return Ok(()); // the caller wrote into the gradient buffer itself
     }
+    let (start, end) = (
+        dst.as_ptr() as usize,
+        dst.as_ptr() as usize + size_of_val(dst),
+    );
+    let at = src.data() as usize;
+    let overlaps = at < end && at + size_of_val(dst) > start;
     let src = src.try_readonly()?;
-    match src.as_slice() {
-        Ok(s) => dst.copy_from_slice(s),
-        Err(_) => dst
-            .iter_mut()
-            .zip(src.as_array().iter())
-            .for_each(|(d, s)| *d = *s),
+    if contiguous && !overlaps {
+        dst.copy_from_slice(src.as_slice()?);
+    } else {
+        // Transposed, strided or reversed, or over dst itself: through a copy.
+        let tmp: Vec<f32> = src.as_array().iter().copied().collect();
+        dst.copy_from_slice(&tmp);
     }
     Ok(())
 }
 
-/// Copies `src` into the writable float32 array `out` of the same size.
-pub(crate) fn copy_out(src: &[f32], out: &Bound<'_, PyArrayDyn<f32>>) -> PyResult<()> {
+/// Copies `src` into `out` (of the same size) in `out`'s logical (C) order.
+pub(crate) fn copy_out(src: &[f32], out: &Bound<'_, PyArrayDyn<f32>>, what: &str) -> PyResult<()> {
+    if !out
+        .getattr("flags")?
+        .getattr("writeable")?
+        .extract::<bool>()?
+    {
+        return Err(PyValueError::new_err(format!(
+            "{what} is read-only: pass a writable array"
+        )));
+    }
+    let contiguous = out.is_c_contiguous();
     let mut out = out.try_readwrite()?;
-    match out.as_slice_mut() {
-        Ok(o) => o.copy_from_slice(src),
-        Err(_) => out
-            .as_array_mut()
+    if contiguous {
+        out.as_slice_mut()?.copy_from_slice(src);
+    } else {
+        out.as_array_mut()
             .iter_mut()
             .zip(src)
-            .for_each(|(o, s)| *o = *s),
+            .for_each(|(o, s)| *o = *s);
     }
     Ok(())
 }

@@ -68,3 +68,16 @@ pub(crate) fn read_secret(path: &std::path::Path) -> PyResult<hetsync_transport:
     }
     Ok(secret)
 }
+
+/// `value` seconds as a duration, or a `ValueError` naming `what` (negative, not a number, or
+/// beyond a year, which no wait here needs).
+pub(crate) fn seconds(what: &str, value: f64) -> PyResult<std::time::Duration> {
+    const YEAR: f64 = 365.0 * 24.0 * 3600.0;
+    if (0.0..=YEAR).contains(&value) {
+        Ok(std::time::Duration::from_secs_f64(value))
+    } else {
+        Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{what} must be a number of seconds from 0 to a year, got {value}"
+        )))
+    }
+}

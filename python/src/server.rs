@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -33,24 +33,36 @@ type Run = JoinHandle<Result<ServerReport, ServerError>>;
 /// its first push), ``adaptive`` (the timeout learnt, capped by ``timeout_ms``), ``bsp``,
 /// ``ssp`` (``staleness`` clocks ahead at most), ``asp``. ``late``: what the barrier policies
 /// do with a gradient that missed its round, ``"fold"`` it into the next or ``"drop"`` it.
-#[pyclass(module = "hetsync._native", subclass)]
+///
+/// Any thread may call its methods: ``stop()`` from one while another is in ``wait()`` ends
+/// both. Every wait handles signals (Ctrl-C) every 100 ms.
+#[pyclass(module = "hetsync._native", subclass, frozen)]
 pub struct Server {
     address: String,
     transport: String,
     policy: &'static str,
     stop: Arc<AtomicBool>,
-    run: Option<Run>,
-    report: Option<Py<PyDict>>,
+    /// The server's thread until it was joined; locked only briefly (never across a wait).
+    run: Mutex<Option<Run>>,
+    /// How the run ended, once joined: its report, or the error that stopped it.
+    outcome: Mutex<Option<Result<Py<PyDict>, String>>>,
 }
 
+/// How long a wait runs without the GIL before it looks for signals (Ctrl-C).
+const TICK: Duration = Duration::from_millis(100);
+
 fn millis(what: &str, ms: f64) -> PyResult<Duration> {
-    if ms.is_finite() && ms >= 0.0 {
-        Ok(Duration::from_secs_f64(ms / 1e3))
-    } else {
-        Err(PyValueError::new_err(format!(
-            "{what} must be a number of milliseconds >= 0, got {ms}"
-        )))
-    }
+    crate::seconds(what, ms / 1e3).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} must be a number of milliseconds from 0 to a year, got {ms}"
+        ))
+    })
+}
+
+/// A lock that a panic elsewhere did not make unusable (the data stays consistent: every
+/// critical section here is a single assignment).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The run's report as a dict: `started`, `elapsed_s`, `rounds_per_sec`, `kernel` and every
@@ -68,59 +80,71 @@ fn report_dict<'py>(py: Python<'py>, r: &ServerReport) -> PyResult<Bound<'py, Py
     Ok(d)
 }
 
-/// `init` (one float32 array per tensor) as one vector, every tensor in key order.
-fn initial_model(init: &Bound<'_, PyAny>, dims: &[usize]) -> PyResult<Vec<f32>> {
+/// `init` (one float32 array per tensor, of its shape or flat) as one vector, every tensor in
+/// key order.
+fn initial_model(init: &Bound<'_, PyAny>, shapes: &[Vec<usize>]) -> PyResult<Vec<f32>> {
     let arrays: Vec<Bound<'_, PyAny>> = init.try_iter()?.collect::<Result<_, _>>()?;
-    if arrays.len() != dims.len() {
+    if arrays.len() != shapes.len() {
         return Err(PyValueError::new_err(format!(
             "init has {} arrays; the job has {} tensors",
             arrays.len(),
-            dims.len()
+            shapes.len()
         )));
     }
-    let mut model = Vec::with_capacity(dims.iter().sum());
-    for (key, (a, &n)) in arrays.iter().zip(dims).enumerate() {
-        let a = float32(a, n, &format!("init[{key}]"))?;
+    let mut model = Vec::new();
+    for (key, (a, shape)) in arrays.iter().zip(shapes).enumerate() {
+        let a = float32(a, shape, &format!("init[{key}]"))?;
         model.extend(a.try_readonly()?.as_array().iter());
     }
     Ok(model)
 }
 
 impl Server {
-    /// Waits (without the GIL) up to `timeout` for the run to end; its report once it has.
+    /// Waits (without the GIL, handling signals every [`TICK`]) up to `timeout` for the run to
+    /// end; its report once it has, `None` if it has not by then.
     fn finish<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         timeout: Option<Duration>,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
-        if let Some(r) = &self.report {
-            return Ok(Some(r.bind(py).clone()));
-        }
-        let Some(run) = self.run.take() else {
-            return Ok(None);
-        };
         let deadline = timeout.map(|t| Instant::now() + t);
-        let done = py.detach(|| loop {
-            if run.is_finished() {
-                return true;
+        loop {
+            if let Some(outcome) = lock(&self.outcome).as_ref() {
+                return match outcome {
+                    Ok(report) => Ok(Some(report.bind(py).clone())),
+                    Err(e) => Err(crate::HetSyncError::new_err(e.clone())),
+                };
             }
+            let slice = Instant::now() + TICK;
+            let ended = py.detach(|| loop {
+                if lock(&self.run).as_ref().is_none_or(|r| r.is_finished()) {
+                    return true;
+                }
+                let now = Instant::now();
+                if now >= slice || deadline.is_some_and(|d| now >= d) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            });
+            if ended {
+                // Whoever takes the finished thread records its outcome; a thread that finds
+                // it gone loops and reads that.
+                let run = lock(&self.run).take();
+                if let Some(run) = run {
+                    let outcome = match run.join() {
+                        Ok(Ok(report)) => Ok(report_dict(py, &report)?.unbind()),
+                        Ok(Err(e)) => Err(failed("the server", &e).to_string()),
+                        Err(_) => Err("the server thread panicked".to_string()),
+                    };
+                    *lock(&self.outcome) = Some(outcome);
+                }
+                continue;
+            }
+            py.check_signals()?;
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return false;
+                return Ok(None);
             }
-            std::thread::sleep(Duration::from_millis(5));
-        });
-        if !done {
-            self.run = Some(run);
-            return Ok(None);
         }
-        let result = match run.join() {
-            Ok(r) => r,
-            Err(_) => return Err(crate::HetSyncError::new_err("the server thread panicked")),
-        };
-        let report = result.map_err(|e| failed("the server", &e))?;
-        let d = report_dict(py, &report)?;
-        self.report = Some(d.clone().unbind());
-        Ok(Some(d))
     }
 }
 
@@ -149,10 +173,8 @@ impl Server {
         log: bool,
         init: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let dims: Vec<usize> = crate::worker::shapes_of(dims)?
-            .iter()
-            .map(|s| s.iter().product())
-            .collect();
+        let shapes = crate::worker::shapes_of(dims)?;
+        let dims: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
         let listen = listen.parse().map_err(|_| {
             PyValueError::new_err(format!(
                 "listen must be IP:PORT (port 0: any free one), got {listen:?}"
@@ -183,7 +205,7 @@ impl Server {
                 "lr must be a positive number, got {lr}"
             )));
         }
-        let init_model = init.map(|i| initial_model(i, &dims)).transpose()?;
+        let init_model = init.map(|i| initial_model(i, &shapes)).transpose()?;
         let mut cfg = ServerConfig {
             mode,
             late,
@@ -195,7 +217,7 @@ impl Server {
             init_model,
             ..ServerConfig::new(listen, workers, dims)
         };
-        cfg.duration = seconds.map(|s| millis("seconds", s * 1e3)).transpose()?;
+        cfg.duration = seconds.map(|s| crate::seconds("seconds", s)).transpose()?;
         cfg.start_after = start_after_ms
             .map(|m| millis("start_after_ms", m))
             .transpose()?;
@@ -218,8 +240,8 @@ impl Server {
             transport: how,
             policy: mode.name(),
             stop,
-            run: Some(run),
-            report: None,
+            run: Mutex::new(Some(run)),
+            outcome: Mutex::new(None),
         })
     }
 
@@ -244,7 +266,7 @@ impl Server {
     /// Whether the server is still serving.
     #[getter]
     fn running(&self) -> bool {
-        self.run.as_ref().is_some_and(|r| !r.is_finished())
+        lock(&self.run).as_ref().is_some_and(|r| !r.is_finished())
     }
 
     /// Waits (without the GIL) for the run to end by itself (``rounds`` or ``seconds``), at most
@@ -252,16 +274,16 @@ impl Server {
     /// the run has not ended. Raises ``HetSyncError`` if the server failed.
     #[pyo3(signature = (timeout=None))]
     fn wait<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         timeout: Option<f64>,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let timeout = timeout.map(|t| millis("timeout", t * 1e3)).transpose()?;
+        let timeout = timeout.map(|t| crate::seconds("timeout", t)).transpose()?;
         self.finish(py, timeout)
     }
 
     /// Stops the server (workers are told the run is over) and returns its report.
-    fn stop<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         self.stop.store(true, Ordering::Relaxed);
         self.finish(py, None)
     }
@@ -277,10 +299,10 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Tells the server's thread to stop, without waiting for it: a drop holds the GIL, which
+    /// workers in this process may need to say goodbye. The thread ends within its shutdown
+    /// grace (3 s) by itself.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(run) = self.run.take() {
-            let _ = run.join();
-        }
     }
 }

@@ -28,9 +28,13 @@ use crate::{failed, HetSyncError};
 /// keep a copy (``pull(key, out=...)`` or ``.copy()``) to hold on to one. Gradients are copied
 /// once into the link's gradient buffer, or not at all when written into ``gradient(key)``.
 ///
-/// Every wait releases the GIL. Errors of the connection or the server raise ``HetSyncError``
-/// with the Rust message; a wrong dtype raises ``TypeError``, a wrong size ``ValueError``, a
-/// key out of range ``IndexError``.
+/// Every wait releases the GIL and handles signals every 100 ms (Ctrl-C raises
+/// ``KeyboardInterrupt``; pulling again resumes the wait). A worker is used by one thread at a
+/// time: a call from another thread while one waits raises ``RuntimeError`` (already borrowed).
+/// Errors of the connection or the server raise ``HetSyncError`` with the Rust message, and
+/// after a connection error every call raises it again; a wrong dtype raises ``TypeError``, a
+/// wrong shape ``ValueError`` (a gradient has the tensor's shape, or is flat), a key out of
+/// range ``IndexError``.
 #[pyclass(module = "hetsync._native", subclass)]
 pub struct Worker {
     client: Client,
@@ -38,7 +42,12 @@ pub struct Worker {
     rank: u32,
     workers: u32,
     closed: bool,
+    /// The error that broke the connection, raised again by every later call.
+    broken: Option<String>,
 }
+
+/// How long a wait runs without the GIL before it looks for signals (Ctrl-C).
+const TICK: Duration = Duration::from_millis(100);
 
 /// The rank and job size: as given, else from Slurm's variables.
 fn rank_and_size(rank: Option<u32>, workers: Option<u32>) -> PyResult<(u32, u32)> {
@@ -50,17 +59,21 @@ fn rank_and_size(rank: Option<u32>, workers: Option<u32>) -> PyResult<(u32, u32)
             Err(_) => Ok(None),
         }
     };
-    let rank = match rank {
-        Some(r) => r,
-        None => env("SLURM_PROCID")?.ok_or_else(|| {
-            PyValueError::new_err(
-                "no rank: pass rank=..., or run under Slurm (srun sets SLURM_PROCID)",
-            )
-        })?,
-    };
-    let workers = match workers {
-        Some(w) => w,
-        None => env("SLURM_NTASKS")?.unwrap_or(0),
+    // Slurm's variables only when the rank is not given: an explicit rank in an allocation
+    // of another size must not be checked against it.
+    let (rank, workers) = match rank {
+        Some(r) => (r, workers.unwrap_or(0)),
+        None => (
+            env("SLURM_PROCID")?.ok_or_else(|| {
+                PyValueError::new_err(
+                    "no rank: pass rank=..., or run under Slurm (srun sets SLURM_PROCID)",
+                )
+            })?,
+            match workers {
+                Some(w) => w,
+                None => env("SLURM_NTASKS")?.unwrap_or(0),
+            },
+        ),
     };
     if workers != 0 && rank >= workers {
         return Err(PyValueError::new_err(format!(
@@ -100,6 +113,12 @@ pub(crate) fn shapes_of(dims: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<usize>>> {
 
 impl Worker {
     fn check_open(&self) -> PyResult<()> {
+        if let Some(e) = &self.broken {
+            return Err(HetSyncError::new_err(format!(
+                "worker {}'s connection failed earlier ({e}): create a new Worker to rejoin",
+                self.rank
+            )));
+        }
         if self.closed {
             return Err(HetSyncError::new_err(format!(
                 "worker {} is closed: create a new Worker to rejoin",
@@ -119,8 +138,35 @@ impl Worker {
         Ok(())
     }
 
-    fn len(&self, key: usize) -> usize {
-        self.shapes[key].iter().product()
+    /// Records that the link failed doing `what`, and returns the error to raise.
+    fn broke(&mut self, what: &str, e: hetsync::client::LinkError) -> PyErr {
+        let err = failed(what, &e);
+        self.broken = Some(err.to_string());
+        err
+    }
+
+    /// Waits for key's model (every awaited model for `None`) without the GIL, in slices of
+    /// [`TICK`] between which signals are handled: Ctrl-C raises `KeyboardInterrupt`, and a
+    /// later call waits on where this one stopped.
+    fn wait(&mut self, py: Python<'_>, key: Option<usize>, what: &str) -> PyResult<Status> {
+        loop {
+            let client = &mut self.client;
+            match py.detach(|| client.wait_for(key, TICK)) {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) => py.check_signals()?,
+                Err(e) => return Err(self.broke(what, e)),
+            }
+        }
+    }
+
+    /// Pushes `keys` without the GIL.
+    fn push_keys(&mut self, py: Python<'_>, keys: std::ops::Range<usize>) -> PyResult<()> {
+        let client = &mut self.client;
+        let pushed = py.detach(|| {
+            keys.clone()
+                .try_for_each(|k| client.push(k).map_err(|e| (k, e)))
+        });
+        pushed.map_err(|(k, e)| self.broke(&format!("pushing key {k}"), e))
     }
 
     /// Raises unless `key` may be pushed now.
@@ -142,7 +188,7 @@ impl Worker {
     fn take_gradient(&mut self, key: usize, grad: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         if let Some(grad) = grad {
             let what = format!("key {key}'s gradient");
-            let grad = float32(grad, self.len(key), &what)?;
+            let grad = float32(grad, &self.shapes[key], &what)?;
             copy_into(&grad, self.client.tensor(key).1)?;
         }
         Ok(())
@@ -188,12 +234,7 @@ impl Worker {
         opts.transport = choice(transport)?;
         opts.rdma.device = rdma_device;
         opts.rdma.gid_index = gid_index;
-        if !(connect_timeout.is_finite() && connect_timeout >= 0.0) {
-            return Err(PyValueError::new_err(format!(
-                "connect_timeout must be a number of seconds >= 0, got {connect_timeout}"
-            )));
-        }
-        opts.connect_wait = Duration::from_secs_f64(connect_timeout);
+        opts.connect_wait = crate::seconds("connect_timeout", connect_timeout)?;
         opts.secret = secret_file.as_deref().map(crate::read_secret).transpose()?;
         let client = py
             .detach(|| Client::connect(&opts))
@@ -204,6 +245,7 @@ impl Worker {
             rank,
             workers,
             closed: false,
+            broken: None,
         })
     }
 
@@ -270,14 +312,11 @@ impl Worker {
             let mut w = this.borrow_mut();
             w.check_open()?;
             w.check_key(key)?;
-            let out_ok = out
-                .map(|o| float32(o, w.len(key), &format!("pull({key})'s out")))
-                .transpose()?;
-            let client = &mut w.client;
-            py.detach(|| client.wait(key))
-                .map_err(|e| failed(&format!("pulling key {key}"), &e))?;
-            if let Some(out) = out_ok {
-                copy_out(w.client.model(key), &out)?;
+            let what = format!("pull({key})'s out");
+            let out = out.map(|o| float32(o, &w.shapes[key], &what)).transpose()?;
+            w.wait(py, Some(key), &format!("pulling key {key}"))?;
+            if let Some(out) = out {
+                copy_out(w.client.model(key), &out, &what)?;
                 return Ok(out);
             }
         }
@@ -323,9 +362,7 @@ impl Worker {
         }
         self.check_pushable(key)?;
         self.take_gradient(key, grad)?;
-        let client = &mut self.client;
-        py.detach(|| client.push(key))
-            .map_err(|e| failed(&format!("pushing key {key}"), &e))
+        self.push_keys(py, key..key + 1)
     }
 
     /// Ends this worker's iteration (Angel's clock): under bsp/ssp/asp the reads that follow are
@@ -367,11 +404,9 @@ impl Worker {
                         w.take_gradient(key, Some(g))?;
                     }
                 }
-                let client = &mut w.client;
-                let status = py
-                    .detach(|| client.step())
-                    .map_err(|e| failed("a step (push every key, wait for every model)", &e))?;
-                debug_assert!(status == Status::Ready || w.client.finished());
+                w.push_keys(py, 0..keys)?;
+                w.client.clock();
+                w.wait(py, None, "waiting for the models of a step")?;
             }
             keys
         };
@@ -388,6 +423,9 @@ impl Worker {
             return Ok(());
         }
         let was_finished = self.client.finished();
+        if self.broken.is_some() {
+            return Ok(()); // nobody to say goodbye to
+        }
         let client = &mut self.client;
         match py.detach(|| client.bye_and_stay()) {
             // A server that already ended the run may have closed the connection.

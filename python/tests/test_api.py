@@ -2,7 +2,10 @@
 buffers, the GIL released while waiting, and every error a user can make."""
 
 import gc
+import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -103,13 +106,17 @@ def test_wrong_input_raises_the_matching_python_error_with_the_rust_message():
                 w.push(0, np.zeros((3, 2)))
             with pytest.raises(TypeError, match="float32"):
                 w.push(0, [1.0] * 6)
-            with pytest.raises(ValueError, match="has 5 floats .* the job's tensor has 6"):
+            with pytest.raises(ValueError, match=r"shape \[5\]; the job's tensor has shape \[3, 2\]"):
                 w.push(0, np.zeros(5, np.float32))
+            with pytest.raises(ValueError, match=r"shape \[2, 3\]; the job's tensor has shape"):
+                w.push(0, np.zeros((2, 3), np.float32))  # the right size, the wrong shape
+            with pytest.raises(ValueError, match="pull\\(0\\)'s out is read-only"):
+                w.pull(0, out=w.pull(0))
             with pytest.raises(IndexError, match="key 2 out of range: the job has 2 tensors"):
                 w.pull(2)
             with pytest.raises(ValueError, match="step\\(\\) got 1 gradients; the job has 2"):
                 w.step([np.zeros(6, np.float32)])
-            w.push(0, np.zeros(6, np.float32))  # any shape of the right size
+            w.push(0, np.zeros(6, np.float32))  # flat is fine too
             with pytest.raises(hetsync.HetSyncError, match="pull\\(0\\) before pushing it"):
                 w.push(0, np.zeros(6, np.float32))
             with pytest.raises(hetsync.HetSyncError, match="pull\\(0\\) first"):
@@ -191,6 +198,7 @@ def test_rank_and_job_size_come_from_slurm(monkeypatch):
 
         run_threads([lambda: worker(0), slurm_worker])
     assert got["slurm"] == (1, 2)
+    assert got[0] == (0, 0)  # a rank given: Slurm's job size is not applied to it
     monkeypatch.setenv("SLURM_PROCID", "2")
     with pytest.raises(ValueError, match="rank 2 is not below the job's 2 workers"):
         hetsync.Worker("127.0.0.1:1", dims=[4])
@@ -214,3 +222,101 @@ def test_a_job_secret_admits_its_workers_and_refuses_others(tmp_path):
         assert server.wait(timeout=10)["rounds"] == 1
     with pytest.raises(hetsync.HetSyncError, match="reading the job's secret"):
         hetsync.Server(1, [4], secret_file=tmp_path / "missing")
+
+
+def test_gradients_in_any_memory_layout_arrive_in_logical_order():
+    # Column-major, transposed and reversed views (some of the gradient buffer itself) are
+    # copied in the order their indices say, never in memory order.
+    ramp = np.arange(6, dtype=np.float32).reshape(3, 2)
+    with hetsync.Server(1, SHAPES, policy="naive", lr=1.0, rounds=4) as server:
+        with hetsync.Worker(server.address, 0, dims=SHAPES, transport="tcp") as w:
+            w.pull(0)
+            w.pull(1)
+            expected = np.zeros((3, 2), np.float32)
+            cases = [
+                lambda: np.asfortranarray(ramp),                  # column-major
+                lambda: np.ascontiguousarray(ramp.T).T,          # a transposed view
+                lambda: w.gradient(0).__setitem__(..., ramp[::-1]) or w.gradient(0)[::-1],
+                lambda: ramp.ravel()[::-1].copy()[::-1],         # a reversed view, flat
+            ]
+            for make in cases:
+                g = make()
+                w.push(0, g)
+                w.push(1, np.zeros(4, np.float32))
+                expected -= ramp
+                np.testing.assert_array_equal(w.pull(0), expected)
+                w.pull(1)
+            f = np.empty((3, 2), np.float32, order="F")
+            w.pull(0, out=f)
+            np.testing.assert_array_equal(f, expected)
+
+
+def test_ctrl_c_interrupts_a_wait_and_the_wait_resumes():
+    with hetsync.Server(2, [4], policy="naive", rounds=1) as server:
+        w = hetsync.Worker(server.address, 0, dims=[4], transport="tcp")
+        # The first model waits for the second worker, which has not come: a SIGINT must
+        # end the wait (the GIL is released, signals are looked at every 100 ms).
+        timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        began = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            w.pull(0)
+        assert time.monotonic() - began < 10, "the wait was not interrupted"
+        other = threading.Thread(target=lambda: hetsync.Worker(server.address, 1, dims=[4],
+                                                               transport="tcp").pull(0))
+        other.start()
+        np.testing.assert_array_equal(w.pull(0), np.zeros(4, np.float32))  # resumed
+        other.join(30)
+        w.close()
+
+
+def test_stop_from_another_thread_ends_a_wait_on_the_server():
+    server = hetsync.Server(1, [4], policy="naive")
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault("report", server.wait()))
+    waiter.start()
+    time.sleep(0.2)
+    assert server.running
+    report = server.stop()
+    waiter.join(30)
+    assert not waiter.is_alive() and not server.running
+    assert got["report"] == report and report["started"] is False
+
+
+def test_after_a_connection_error_every_call_says_so():
+    # Worker 1 never pushes; the server evicts it after 300 ms of everyone waiting for it.
+    with hetsync.Server(2, [4], policy="naive", evict_after_ms=300) as server:
+        lazy = {}
+
+        def join_and_idle():
+            w = hetsync.Worker(server.address, 1, dims=[4], transport="tcp")
+            w.pull(0)
+            lazy["w"] = w
+
+        t = threading.Thread(target=join_and_idle)
+        t.start()
+        with hetsync.Worker(server.address, 0, dims=[4], transport="tcp") as w0:
+            w0.pull(0)
+            t.join(30)
+            w0.push(0, np.ones(4, np.float32))
+            # The round closed without the evicted worker: the mean of one gradient.
+            np.testing.assert_array_equal(w0.pull(0), np.full(4, -0.1, np.float32))
+        w1 = lazy["w"]
+        with pytest.raises(hetsync.HetSyncError, match="pushing key 0|waiting for the models"):
+            for _ in range(3):  # the first push may still be taken by the kernel
+                w1.step([np.ones(4, np.float32)])
+        with pytest.raises(hetsync.HetSyncError, match="worker 1's connection failed earlier"):
+            w1.pull(0)
+        w1.close()  # nothing to say goodbye to: no second error
+
+
+def test_out_of_range_durations_are_errors_not_crashes():
+    with pytest.raises(ValueError, match="connect_timeout must be a number of seconds"):
+        hetsync.Worker("127.0.0.1:1", 0, dims=[4], connect_timeout=1e30)
+    with pytest.raises(ValueError, match="timeout_ms must be a number of milliseconds"):
+        hetsync.Server(1, [4], timeout_ms=-1)
+    with pytest.raises(ValueError, match="seconds must be a number of seconds from 0"):
+        hetsync.Server(1, [4], seconds=float("nan"))
+    with hetsync.Server(1, [4]) as server:
+        with pytest.raises(ValueError, match="timeout must be"):
+            server.wait(timeout=1e30)

@@ -1,6 +1,7 @@
-"""A short real training run: examples/train_digits.py's job, 3 worker processes on the digits,
-one of them a persistent straggler, under the timeout barrier. The loss must fall and the
-held-out accuracy beat chance (10%) by far."""
+"""A short real training run: examples/train_digits.py's job, 3 worker processes on the digits
+with stragglers, 150 rounds under the timeout barrier and under SSP. The loss must fall and
+the held-out accuracy beat chance (10%) by far. The runs are bounded in rounds, not time, so
+that a loaded machine makes them slower, not worse."""
 
 import argparse
 import importlib
@@ -22,7 +23,7 @@ def example():
 
 
 def args(**kw):
-    base = dict(workers=3, seconds=3.0, step_ms=5.0, slow_factor=10.0, slow_fraction=0.25,
+    base = dict(workers=3, seconds=120.0, rounds=150, step_ms=5.0, slow_factor=10.0, slow_fraction=0.25,
                 slow_prob=0.25, timeout_ms=5.0, staleness=3, lr=0.5, batch=64,
                 eval_every_ms=50.0, transport="tcp", seed=0)
     base.update(kw)
@@ -40,8 +41,9 @@ def test_a_short_training_run_learns_the_digits(example, policy, scenario):
     assert first[2] > 1.5, first  # an untrained 10-class model: about ln(10) = 2.3
     assert last[2] < 0.5 * first[2], (first, last)
     assert last[4] > 0.8, last
-    assert run["report"]["rounds"] > 20, run["report"]
+    assert run["report"]["rounds"] == 150, run["report"]
     if scenario == "persistent":
-        # The straggler (rank 2) is 10 times slower; the others are not held back by it.
+        # The straggler (rank 2) is 10 times slower; the others are not held back by it (about
+        # 5 times its steps on an idle machine; a generous bound).
         steps = run["steps"]
-        assert steps[0] > 3 * steps[2], steps
+        assert steps[0] > 1.5 * steps[2], steps

@@ -115,6 +115,42 @@ fn stop_is_seen_even_before_any_worker_joins() {
     });
 }
 
+/// Sets the flag when dropped: a test that panics still stops its server (else the scope that
+/// joins the server's thread would wait forever).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs a TCP server for `cfg` on a thread while `f` talks to it at the address given; stops
+/// it afterwards (also when `f` panics) and checks that it ended without an error.
+fn with_server(cfg: ServerConfig, f: impl FnOnce(&str)) {
+    let (server, _) = Server::bind(ServerConfig {
+        transport: Choice::Tcp,
+        ..cfg
+    })
+    .unwrap();
+    let addr = server.local_addr().to_string();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let run = s.spawn(|| server.run(&stop));
+        {
+            let _stop = StopOnDrop(&stop);
+            f(&addr);
+        }
+        run.join().unwrap().unwrap();
+    });
+}
+
+fn connect(addr: &str, rank: Rank, dims: &[usize]) -> crate::client::Client {
+    let mut opts = crate::client::ConnectOptions::new(addr, rank, dims.to_vec());
+    opts.transport = Choice::Tcp;
+    crate::client::Client::connect(&opts).unwrap()
+}
+
 #[test]
 fn workers_start_from_the_initial_model_given_and_a_wrong_size_is_refused() {
     let dims = vec![3, 700_000]; // the second tensor in parts (1 MiB each)
@@ -131,19 +167,39 @@ fn workers_start_from_the_initial_model_given_and_a_wrong_size_is_refused() {
         err.to_string().contains("the initial model has 10 floats"),
         "{err}"
     );
-    let (server, _) = Server::bind(cfg(init.clone())).unwrap();
-    let addr = server.local_addr().to_string();
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let run = s.spawn(|| server.run(&stop));
-        let mut opts = crate::client::ConnectOptions::new(&addr, 0, dims.clone());
-        opts.transport = Choice::Tcp;
-        let mut c = crate::client::Client::connect(&opts).unwrap();
+    with_server(cfg(init.clone()), |addr| {
+        let mut c = connect(addr, 0, &dims);
         c.wait_all().unwrap();
         assert_eq!(c.model(0), &init[..3]);
         assert_eq!(c.model(1), &init[3..]);
         c.bye().unwrap();
-        stop.store(true, Ordering::Relaxed);
-        run.join().unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_bounded_wait_returns_empty_handed_and_a_later_one_gets_the_model() {
+    let cfg = ServerConfig {
+        mode: SyncMode::NAIVE,
+        ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), 2, vec![4])
+    };
+    with_server(cfg, |addr| {
+        let mut first = connect(addr, 0, &[4]);
+        // The first model comes once both workers joined: not yet.
+        let t = Instant::now();
+        let got = first.wait_for(Some(0), Duration::from_millis(50)).unwrap();
+        assert_eq!(got, None);
+        assert!(
+            t.elapsed() >= Duration::from_millis(45),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(first.awaiting(0));
+        let mut second = connect(addr, 1, &[4]);
+        let got = first.wait_for(None, Duration::from_secs(20)).unwrap();
+        assert_eq!(got, Some(crate::client::Status::Ready));
+        assert!(!first.awaiting(0));
+        second.wait_all().unwrap();
+        first.bye().unwrap();
+        second.bye().unwrap();
     });
 }

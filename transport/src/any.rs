@@ -265,8 +265,8 @@ impl WorkerLink for AnyLink {
         self.inner().push(key, clock)
     }
 
-    fn wait_model(&mut self) -> Result<Incoming, LinkError> {
-        self.inner().wait_model()
+    fn wait_model_for(&mut self, timeout: Option<Duration>) -> Result<Option<Incoming>, LinkError> {
+        self.inner().wait_model_for(timeout)
     }
 
     fn bye(&mut self) -> Result<(), LinkError> {

@@ -307,8 +307,20 @@ pub trait WorkerLink {
     /// and writes the other in the meantime.
     fn push(&mut self, key: Key, clock: Clock) -> Result<(), LinkError>;
 
+    /// Waits until the server sends a part's model (or says goodbye), at most `timeout` when
+    /// given: `None` means nothing came in that time, or a signal interrupted the wait (so the
+    /// caller can look at it, e.g. Python's Ctrl-C). A frame whose first byte came in is read
+    /// whole.
+    fn wait_model_for(&mut self, timeout: Option<Duration>) -> Result<Option<Incoming>, LinkError>;
+
     /// Blocks until the server sends a part's model (or says goodbye).
-    fn wait_model(&mut self) -> Result<Incoming, LinkError>;
+    fn wait_model(&mut self) -> Result<Incoming, LinkError> {
+        loop {
+            if let Some(m) = self.wait_model_for(None)? {
+                return Ok(m);
+            }
+        }
+    }
 
     /// Tells the server this worker is leaving, and closes.
     fn bye(&mut self) -> Result<(), LinkError>;

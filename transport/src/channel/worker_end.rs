@@ -160,6 +160,22 @@ impl WorkerEnd {
         &self.peer
     }
 
+    /// Whether the socket has something to read (or is closed) within `timeout`; `false` also
+    /// when a signal interrupted the wait.
+    pub fn readable(&self, timeout: Duration) -> Result<bool, LinkError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN)];
+        // Rounded up, so that a short wait still waits; at most what poll(2) takes.
+        let ms = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+        let ms = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, ms) {
+            Ok(n) => Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(self.io_err("waiting for the server", e.into())),
+        }
+    }
+
     /// The socket, for polling next to an RDMA completion channel.
     pub fn stream(&self) -> &TcpStream {
         &self.stream

@@ -371,14 +371,26 @@ impl WorkerLink for RdmaClient {
         Ok(())
     }
 
-    fn wait_model(&mut self) -> Result<Incoming, LinkError> {
+    fn wait_model_for(&mut self, timeout: Option<Duration>) -> Result<Option<Incoming>, LinkError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(m) = self.take_model()? {
-                return Ok(m);
+                return Ok(Some(m));
             }
             if self.ended {
-                return Ok(Incoming::Shutdown);
+                return Ok(Some(Incoming::Shutdown));
             }
+            // Milliseconds left, rounded up (-1: no limit).
+            let ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32
+                }
+            };
             let cq_fd = self.recv_cq.fd().expect("created with a channel");
             let mut fds = [
                 libc::pollfd {
@@ -393,10 +405,13 @@ impl WorkerLink for RdmaClient {
                 },
             ];
             // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
+                    if timeout.is_some() {
+                        return Ok(None); // let the caller look at the signal
+                    }
                     continue;
                 }
                 return Err(LinkError::NoRdma(format!(
@@ -411,9 +426,9 @@ impl WorkerLink for RdmaClient {
             if fds[1].revents != 0 {
                 // The model may have landed just before the goodbye: prefer it.
                 if let Some(m) = self.take_model()? {
-                    return Ok(m);
+                    return Ok(Some(m));
                 }
-                return self.control.read_shutdown();
+                return self.control.read_shutdown().map(Some);
             }
         }
     }

@@ -64,7 +64,23 @@ impl WorkerLink for TcpClient {
             .write_vectored_all(&mut [IoSlice::new(&hdr), IoSlice::new(body)], "write push")
     }
 
-    fn wait_model(&mut self) -> Result<Incoming, LinkError> {
+    fn wait_model_for(&mut self, timeout: Option<Duration>) -> Result<Option<Incoming>, LinkError> {
+        if let Some(t) = timeout {
+            if !self.end.readable(t)? {
+                return Ok(None);
+            }
+        }
+        self.read_model().map(Some)
+    }
+
+    fn bye(&mut self) -> Result<(), LinkError> {
+        self.end.bye()
+    }
+}
+
+impl TcpClient {
+    /// Reads the next frame from the server: a part's model or its goodbye.
+    fn read_model(&mut self) -> Result<Incoming, LinkError> {
         let h = self.end.read_header("waiting for the model", true)?;
         match h.kind {
             FrameKind::Model => {
@@ -83,9 +99,5 @@ impl WorkerLink for TcpClient {
                 .end
                 .unexpected(kind, "from the server while waiting for a model")),
         }
-    }
-
-    fn bye(&mut self) -> Result<(), LinkError> {
-        self.end.bye()
     }
 }
