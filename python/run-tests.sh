@@ -21,7 +21,10 @@ echo "python: pytest python/tests"
 hang_log=$(mktemp)
 trap 'rm -f "$hang_log"' EXIT
 status=0
-(cd python && HETSYNC_HANG_LOG="$hang_log" "../$venv/bin/python" -m pytest -v -p no:cacheprovider "$@" tests) || status=$?
+# From the repository's root, not python/: `python -m` puts the working directory first on the
+# path, and python/hetsync there (the source, without the built extension) would shadow the
+# installed package.
+HETSYNC_HANG_LOG="$hang_log" "$venv/bin/python" -m pytest -v -p no:cacheprovider "$@" python/tests || status=$?
 if grep -q "most recent call first" "$hang_log"; then
   echo "python: a test hung and the watchdog ended pytest:" >&2
   cat "$hang_log" >&2
