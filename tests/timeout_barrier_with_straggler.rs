@@ -87,8 +87,13 @@ fn folded_late_gradients_change_the_model_by_what_their_weights_predict() {
         !folded.is_empty(),
         "the straggler's gradients were never folded:\n{log}"
     );
-    for (round, (worker, clock, weight, _)) in folded.iter().cloned() {
-        assert_eq!(worker, 3, "only the straggler is late");
+    // The straggler is late; on a loaded machine a fast worker may miss the 5 ms timeout now
+    // and then too, and is folded by the same rule, which the replay below checks for all.
+    assert!(
+        folded.iter().any(|(_, (worker, ..))| *worker == 3),
+        "the straggler's gradients were never the late ones: {folded:?}"
+    );
+    for (round, (_, clock, weight, _)) in folded.iter().cloned() {
         assert!(clock < round);
         let want = 1.0 / (1.0 + (round - clock) as f64);
         assert!(

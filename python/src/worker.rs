@@ -1,10 +1,10 @@
 //! `hetsync.Worker`: a training process's connection to the server.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::choice;
-use hetsync::client::{Client, ConnectOptions, Status};
+use hetsync::client::{Client, ConnectOptions, LinkError, Status};
 use hetsync::sync::PushClock;
 use numpy::PyArrayDyn;
 use pyo3::exceptions::{PyIndexError, PyValueError};
@@ -139,7 +139,7 @@ impl Worker {
     }
 
     /// Records that the link failed doing `what`, and returns the error to raise.
-    fn broke(&mut self, what: &str, e: hetsync::client::LinkError) -> PyErr {
+    fn broke(&mut self, what: &str, e: LinkError) -> PyErr {
         let err = failed(what, &e);
         self.broken = Some(err.to_string());
         err
@@ -195,6 +195,33 @@ impl Worker {
     }
 }
 
+/// Connects without the GIL, retrying a server that is not up yet until `connect_wait` has
+/// passed (backing off from 50 ms to 2 s, as the Rust worker does) and handling signals while it
+/// waits, so that Ctrl-C stops a worker waiting for its server. `Err(Ok(e))` is a signal
+/// handler's exception, `Err(Err(e))` the link's error.
+fn connect(py: Python<'_>, mut opts: ConnectOptions) -> Result<Client, Result<PyErr, LinkError>> {
+    let deadline = Instant::now() + opts.connect_wait;
+    opts.connect_wait = Duration::ZERO; // one attempt per call: the retries are here
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match py.detach(|| Client::connect(&opts)) {
+            // Nobody listening yet (or unreachable): try again while the time lasts.
+            Err(LinkError::Connect { .. }) if Instant::now() < deadline => {
+                let until = (Instant::now() + pause).min(deadline);
+                while let Some(left) = until
+                    .checked_duration_since(Instant::now())
+                    .filter(|d| !d.is_zero())
+                {
+                    py.detach(|| std::thread::sleep(left.min(TICK)));
+                    py.check_signals().map_err(Ok)?;
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            r => return r.map_err(Err),
+        }
+    }
+}
+
 /// The model of `key` as a read-only view owned by `this`.
 fn model_view<'py>(this: &Bound<'py, Worker>, key: usize) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let w = this.borrow();
@@ -236,9 +263,9 @@ impl Worker {
         opts.rdma.gid_index = gid_index;
         opts.connect_wait = crate::seconds("connect_timeout", connect_timeout)?;
         opts.secret = secret_file.as_deref().map(crate::read_secret).transpose()?;
-        let client = py
-            .detach(|| Client::connect(&opts))
-            .map_err(|e| failed(&format!("worker {rank} joining {server}"), &e))?;
+        let client = connect(py, opts).map_err(|e| {
+            e.unwrap_or_else(|e| failed(&format!("worker {rank} joining {server}"), &e))
+        })?;
         Ok(Self {
             client,
             shapes,

@@ -320,3 +320,34 @@ def test_out_of_range_durations_are_errors_not_crashes():
     with hetsync.Server(1, [4]) as server:
         with pytest.raises(ValueError, match="timeout must be"):
             server.wait(timeout=1e30)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_worker_waits_for_a_server_that_comes_later_and_ctrl_c_stops_the_wait():
+    port = free_port()
+    # Nobody listens: Ctrl-C ends the retries long before connect_timeout.
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        hetsync.Worker(f"127.0.0.1:{port}", 0, dims=[4], transport="tcp", connect_timeout=60)
+    assert time.monotonic() - began < 10, "the connection retries were not interrupted"
+    # The server starts half a second after the worker: the worker's retries find it.
+    servers = []
+    later = threading.Timer(0.5, lambda: servers.append(
+        hetsync.Server(1, [4], policy="naive", rounds=1, listen=f"127.0.0.1:{port}")))
+    later.start()
+    with hetsync.Worker(f"127.0.0.1:{port}", 0, dims=[4], transport="tcp",
+                        connect_timeout=30) as w:
+        w.pull(0)
+        w.step([np.ones(4, np.float32)])
+    later.join()
+    assert servers[0].wait(timeout=10)["rounds"] == 1
+    servers[0].stop()
