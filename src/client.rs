@@ -77,6 +77,7 @@
 //! # }
 //! ```
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use hetsync_transport::any::{AnyLink, Choice, RdmaSelect};
@@ -107,6 +108,9 @@ pub struct ConnectOptions {
     pub rdma: RdmaSelect,
     /// The job's shared secret, when the server authenticates workers (`--secret-file`).
     pub secret: Option<Secret>,
+    /// How long a wait for a model polls before it sleeps (zero never spins; see
+    /// [`default_spin`](hetsync_transport::default_spin)).
+    pub spin: Duration,
 }
 
 impl ConnectOptions {
@@ -122,6 +126,7 @@ impl ConnectOptions {
             transport: Choice::Auto,
             rdma: RdmaSelect::default(),
             secret: None,
+            spin: hetsync_transport::default_spin(),
         }
     }
 }
@@ -168,7 +173,7 @@ impl Client {
             rdma: false,
             auth_nonce: None,
         };
-        let (link, how) = AnyLink::connect(
+        let (mut link, how) = AnyLink::connect(
             &opts.server,
             &hello,
             opts.connect_wait,
@@ -176,6 +181,7 @@ impl Client {
             &opts.rdma,
             opts.secret.as_ref(),
         )?;
+        link.set_spin(opts.spin);
         let parts = link.parts();
         let awaited = (0..parts.dims().len())
             .map(|t| parts.of_tensor(t).len())
@@ -293,9 +299,17 @@ impl Client {
         if self.shutdown {
             return Ok(());
         }
+        self.begin_push(key);
+        for p in self.link.parts().of_tensor(key) {
+            self.push_part(key, p)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that tensor `key` may be pushed now and marks it pushed in this iteration.
+    fn begin_push(&mut self, key: usize) {
         self.check_idle(key);
-        let clocked = self.push_clock == PushClock::WorkerClock;
-        if clocked {
+        if self.push_clock == PushClock::WorkerClock {
             assert!(
                 !self.touched[key],
                 "key {key} was pushed already in iteration {}: call clock() between iterations",
@@ -303,16 +317,17 @@ impl Client {
             );
         }
         self.touched[key] = true;
-        for p in self.link.parts().of_tensor(key) {
-            let stamp = if clocked {
-                self.key_clock[key]
-            } else {
-                self.rounds[p as usize]
-            };
-            self.link.push(p, stamp)?;
-            self.awaiting[p as usize] = true;
-            self.awaited[key] += 1;
-        }
+    }
+
+    /// Pushes part `p` of tensor `key` (see [`push`](Self::push)).
+    fn push_part(&mut self, key: usize, p: u32) -> Result<(), LinkError> {
+        let stamp = match self.push_clock {
+            PushClock::WorkerClock => self.key_clock[key],
+            _ => self.rounds[p as usize],
+        };
+        self.link.push(p, stamp)?;
+        self.awaiting[p as usize] = true;
+        self.awaited[key] += 1;
         Ok(())
     }
 
@@ -377,6 +392,32 @@ impl Client {
     pub fn step(&mut self) -> Result<Status, LinkError> {
         for key in 0..self.awaited.len() {
             self.push(key)?;
+        }
+        self.clock();
+        self.wait_all()
+    }
+
+    /// [`step`](Self::step) with the gradient computed part by part: `grad(key, elems, model,
+    /// grad)` fills the gradient of elements `elems` of tensor `key` from their model, and each
+    /// part is pushed as soon as it is computed, so computing the next part overlaps sending this
+    /// one and the server summing it. The gradient of an element may depend only on the
+    /// elements of its part (element-wise updates, or a gradient computed elsewhere and copied
+    /// in).
+    pub fn step_with(
+        &mut self,
+        mut grad: impl FnMut(usize, Range<usize>, &[f32], &mut [f32]),
+    ) -> Result<Status, LinkError> {
+        if self.shutdown {
+            return Ok(Status::Shutdown);
+        }
+        for key in 0..self.awaited.len() {
+            self.begin_push(key);
+            for p in self.link.parts().of_tensor(key) {
+                let elems = self.link.parts()[p].elems();
+                let (model, g) = self.link.part(p);
+                grad(key, elems, model, g);
+                self.push_part(key, p)?;
+            }
         }
         self.clock();
         self.wait_all()

@@ -123,6 +123,7 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
         lr: trial.lr,
         duration: Some(trial.duration),
         transport: Choice::Tcp,
+        spin: Duration::ZERO,
         ..ServerConfig::new(listen, trial.workers as usize, vec![trial.dim])
     })?;
     let addr = server.local_addr().to_string();
@@ -148,6 +149,8 @@ pub fn run_trial(trial: &Trial, tick: &mut dyn FnMut(Duration)) -> Result<Row, T
                     rdma: RdmaSelect::default(),
                     secret: None,
                     reconnect: false,
+                    // More threads than cores here: spinning would only slow the others.
+                    spin: Duration::ZERO,
                 };
                 let stop = &stop;
                 s.spawn(move || {

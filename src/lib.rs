@@ -19,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod experiment;
+pub mod roundtrip;
 pub mod server;
 pub mod sync;
 pub mod worker;

@@ -49,6 +49,8 @@ pub struct WorkerConfig {
     pub secret: Option<Secret>,
     /// Reconnect when the connection to the server is lost (not when it refuses the worker).
     pub reconnect: bool,
+    /// How long a wait for a model polls before it sleeps ([`ConnectOptions::spin`]).
+    pub spin: Duration,
 }
 
 /// What a worker did.
@@ -149,6 +151,7 @@ pub fn connect(cfg: &WorkerConfig) -> Result<Client, LinkError> {
         transport: cfg.transport,
         rdma: cfg.rdma.clone(),
         secret: cfg.secret.clone(),
+        spin: cfg.spin,
     })
 }
 
@@ -242,14 +245,13 @@ fn session(
         if !compute.is_zero() {
             std::thread::sleep(compute);
         }
-        // The gradient of 0.5 * |model - target|^2, written straight into the link's buffers.
-        for (k, target) in targets.iter().enumerate() {
-            let (model, grad) = client.tensor(k);
-            for ((g, m), t) in grad.iter_mut().zip(model).zip(target) {
+        // The gradient of 0.5 * |model - target|^2, written straight into the link's buffers
+        // part by part, each part pushed as soon as it is computed.
+        let status = client.step_with(|key, elems, model, grad| {
+            for ((g, m), t) in grad.iter_mut().zip(model).zip(&targets[key][elems]) {
                 *g = m - t;
             }
-        }
-        let status = client.step()?;
+        })?;
         report.pushes += 1;
         if status == Status::Shutdown {
             report.server_finished = true;
@@ -313,6 +315,7 @@ mod tests {
             rdma: RdmaSelect::default(),
             secret: None,
             reconnect: false,
+            spin: Duration::ZERO,
         };
         let slow = |rank, prob| {
             let mut s = Steps::new(&cfg(rank, prob));

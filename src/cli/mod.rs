@@ -1,6 +1,7 @@
 //! The `hetsync` command line: server, worker, bench and demo.
 
 mod bench;
+mod bench_transport;
 mod plot;
 mod run;
 mod signals;
@@ -147,9 +148,22 @@ struct TransportArgs {
     /// The GID index (default: the RoCE v2 GID with an IPv4 address; `show_gids` lists them).
     #[arg(long, value_name = "N", env = "HETSYNC_GID_INDEX")]
     gid_index: Option<u8>,
+    /// Microseconds a wait for the other side polls before it sleeps: a reply on its way is
+    /// taken without a wake-up (tens of microseconds across cores). 0 never spins: use it when
+    /// the job's processes outnumber the cores. Default: 50 with more than one CPU, else 0.
+    #[arg(long, value_name = "US", env = "HETSYNC_SPIN_US", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    spin_us: Option<u32>,
 }
 
 impl TransportArgs {
+    /// The spin the options ask for, or the default.
+    fn spin(&self) -> Duration {
+        self.spin_us
+            .map_or_else(hetsync_transport::default_spin, |us| {
+                Duration::from_micros(us.into())
+            })
+    }
+
     fn rdma(&self) -> hetsync_transport::any::RdmaSelect {
         hetsync_transport::any::RdmaSelect {
             device: self.rdma_device.clone(),
@@ -422,6 +436,14 @@ enum BenchCommand {
     /// Updates/s are rounds closed per second for barrier policies, and pushes applied per second
     /// divided by the workers for vector clocks (one push from each is one naive round's worth).
     Stragglers(StragglerArgs),
+    /// Push+pull round trips through Het-Sync against the bare transport, per size.
+    ///
+    /// For each size, a server on a thread and one worker push and pull one tensor over loopback
+    /// (TCP, and RDMA where the host has a device), taking turns with the reference that moves
+    /// the same bytes with no framework: a blocking TCP echo, or a verbs RDMA-write ping-pong.
+    /// Prints median and 99th-percentile round times, GB/s (tensor bytes / mean round time) and
+    /// Het-Sync's ratio to the reference; --json writes the rows.
+    Transport(bench_transport::TransportBenchArgs),
 }
 
 /// The options of `hetsync bench stragglers` (its help text is on [`Command`]).
@@ -530,6 +552,7 @@ pub fn main() -> ExitCode {
         Command::Worker(a) => run::worker(a),
         Command::Status(a) => run::status(a),
         Command::Bench(BenchCommand::Stragglers(a)) => bench::stragglers(&a),
+        Command::Bench(BenchCommand::Transport(a)) => bench_transport::run(&a),
         Command::Demo(a) => bench::demo(&a),
     };
     match result {

@@ -74,6 +74,7 @@ pub(super) fn server(a: ServerArgs) -> Result<(), CliError> {
         rdma: a.transport.rdma(),
         handshake_timeout: Duration::from_secs_f64(a.handshake_timeout_ms / 1e3),
         write_timeout: Duration::from_secs_f64(a.write_timeout_ms / 1e3),
+        spin: a.transport.spin(),
         secret: a.auth.secret("server")?,
         start_after: a.start_after_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
         evict_after: a.evict_after_ms.map(|ms| Duration::from_secs_f64(ms / 1e3)),
@@ -171,6 +172,7 @@ pub(super) fn worker(a: WorkerArgs) -> Result<(), CliError> {
         rdma: a.transport.rdma(),
         secret: a.auth.secret("worker")?,
         reconnect: true,
+        spin: a.transport.spin(),
     };
     let stop = AtomicBool::new(false);
     let client = worker::connect(&cfg)?;

@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long a peer's queued output may make no progress before it is dropped.
     pub write_timeout: Duration,
+    /// How long the event loop polls before it sleeps (zero never spins; see
+    /// [`hetsync_transport::default_spin`]).
+    pub spin: Duration,
     /// The job's shared secret: workers must prove they know it before they are admitted.
     pub secret: Option<Secret>,
     /// Start training this long after the first worker joined, with the workers present
@@ -103,6 +106,7 @@ impl ServerConfig {
             rdma: RdmaSelect::default(),
             handshake_timeout: Duration::from_secs(10),
             write_timeout: hetsync_transport::channel::DEFAULT_WRITE_TIMEOUT,
+            spin: hetsync_transport::default_spin(),
             secret: None,
             start_after: None,
             evict_after: None,

@@ -82,6 +82,7 @@ impl Server<AnyServer> {
         let mut listen = ListenConfig::new(cfg.listen, cfg.workers, cfg.mode.push_clock());
         listen.limits.handshake = cfg.handshake_timeout;
         listen.write_timeout = cfg.write_timeout;
+        listen.spin = cfg.spin;
         listen.secret = cfg.secret.clone().map(std::sync::Arc::new);
         let (transport, why) = AnyServer::bind(&listen, &mut arena, cfg.transport, &cfg.rdma)?;
         Ok((Self::new(transport, arena, cfg)?, why))

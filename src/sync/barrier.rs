@@ -32,6 +32,9 @@ pub struct Barrier {
     mode: BarrierMode,
     /// Joined and not left.
     member: Vec<bool>,
+    /// How many are members: a push checks "everyone arrived" in O(1), so a round of N
+    /// workers costs O(N), not O(N^2).
+    n_members: usize,
     /// Every worker has joined at least once: the model has been handed out and rounds run.
     started: bool,
     /// Rounds closed so far; pushes for this round are current.
@@ -56,6 +59,7 @@ impl Barrier {
         Self {
             mode,
             member: vec![false; workers],
+            n_members: 0,
             started: false,
             round: 0,
             arrived: vec![false; workers],
@@ -84,11 +88,8 @@ impl Barrier {
         if self.n_arrived == 0 {
             return;
         }
-        let everyone = self
-            .member
-            .iter()
-            .zip(&self.arrived)
-            .all(|(&m, &a)| !m || a);
+        // Only members arrive (a leaving worker's arrival is withdrawn).
+        let everyone = self.n_arrived == self.n_members;
         let expected = self.adaptive.as_ref().is_some_and(|ad| {
             (0..self.member.len()).all(|w| !self.member[w] || self.arrived[w] || !ad.expected(w))
         });
@@ -141,7 +142,7 @@ impl Policy for Barrier {
 
     /// Workers currently in the job.
     fn members(&self) -> usize {
-        self.member.iter().filter(|&&m| m).count()
+        self.n_members
     }
 
     /// Every worker is at the round.
@@ -188,6 +189,7 @@ impl Policy for Barrier {
     /// that, a (re)joining worker gets the current model at once.
     fn on_join(&mut self, rank: Rank, now: Instant) {
         let r = rank as usize;
+        self.n_members += usize::from(!self.member[r]);
         self.member[r] = true;
         if self.started {
             self.serve(rank, now);
@@ -203,6 +205,7 @@ impl Policy for Barrier {
     /// may now be complete without it.
     fn on_leave(&mut self, rank: Rank, now: Instant) {
         let r = rank as usize;
+        self.n_members -= usize::from(self.member[r]);
         self.member[r] = false;
         if let Some(a) = self.adaptive.as_mut() {
             a.forget(r);

@@ -158,7 +158,7 @@ impl Transport for AnyServer {
 #[derive(Debug)]
 pub enum AnyLink {
     /// TCP for everything.
-    Tcp(TcpClient),
+    Tcp(Box<TcpClient>),
     /// RDMA for data, TCP for control.
     #[cfg(feature = "rdma")]
     Rdma(Box<RdmaClient>),
@@ -183,7 +183,7 @@ impl AnyLink {
                 Ok(l) => Some(l),
                 Err(e) if choice == Choice::Auto => {
                     let tcp = TcpClient::connect(addr, hello, wait, secret)?;
-                    return Ok((AnyLink::Tcp(tcp), format!("tcp, because {e}")));
+                    return Ok((AnyLink::Tcp(Box::new(tcp)), format!("tcp, because {e}")));
                 }
                 Err(e) => return Err(e.into()),
             },
@@ -202,7 +202,7 @@ impl AnyLink {
                     Ok((AnyLink::Rdma(c), format!("rdma on {device}")))
                 }
                 crate::rdma::Upgrade::Declined(end, why) if choice == Choice::Auto => Ok((
-                    AnyLink::Tcp(TcpClient::over(end)),
+                    AnyLink::Tcp(Box::new(TcpClient::over(end)?)),
                     format!("tcp, because {why}"),
                 )),
                 crate::rdma::Upgrade::Declined(_, why) => Err(LinkError::NoRdma(why)),
@@ -218,14 +218,14 @@ impl AnyLink {
             }
         }
         Ok((
-            AnyLink::Tcp(TcpClient::over(end)),
+            AnyLink::Tcp(Box::new(TcpClient::over(end)?)),
             "tcp (--transport tcp)".into(),
         ))
     }
 
     fn inner(&mut self) -> &mut dyn WorkerLink {
         match self {
-            AnyLink::Tcp(t) => t,
+            AnyLink::Tcp(t) => t.as_mut(),
             #[cfg(feature = "rdma")]
             AnyLink::Rdma(r) => r.as_mut(),
         }
@@ -261,8 +261,16 @@ impl WorkerLink for AnyLink {
         }
     }
 
+    fn part(&mut self, key: Key) -> (&[f32], &mut [f32]) {
+        self.inner().part(key)
+    }
+
     fn push(&mut self, key: Key, clock: Clock) -> Result<(), LinkError> {
         self.inner().push(key, clock)
+    }
+
+    fn set_spin(&mut self, spin: Duration) {
+        self.inner().set_spin(spin)
     }
 
     fn wait_model_for(&mut self, timeout: Option<Duration>) -> Result<Option<Incoming>, LinkError> {

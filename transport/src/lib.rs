@@ -23,6 +23,7 @@ pub mod protocol;
 #[cfg(feature = "rdma")]
 #[allow(unsafe_code)]
 pub mod rdma;
+pub mod spin;
 pub mod tcp;
 
 use std::io;
@@ -284,6 +285,19 @@ pub enum LinkError {
     NoRdma(String),
 }
 
+/// How long a wait for the other side polls before it sleeps, by default (workers and server):
+/// long enough to catch a reply on its way (a round trip on one host takes tens of
+/// microseconds), short enough to cost little when the other side is not about to answer. No
+/// spinning on a single CPU, where it only delays the process being waited for.
+pub fn default_spin() -> Duration {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus > 1 {
+        Duration::from_micros(50)
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// What a worker needs from a transport: a model and a gradient buffer per tensor, owned by the
 /// link (registered memory on RDMA), pushes of parts of the gradient, and a wait for models.
 /// Pushes of several parts may be in flight at once, one per part.
@@ -307,10 +321,22 @@ pub trait WorkerLink {
     /// and writes the other in the meantime.
     fn push(&mut self, key: Key, clock: Clock) -> Result<(), LinkError>;
 
+    /// Part `key`'s latest model and its gradient buffer (the part's share of
+    /// [`tensor`](WorkerLink::tensor)), to compute and push one part while others travel.
+    fn part(&mut self, key: Key) -> (&[f32], &mut [f32]) {
+        let part = self.parts()[key];
+        let (model, grad) = self.tensor(part.tensor as usize);
+        (&model[part.elems()], &mut grad[part.elems()])
+    }
+
+    /// How long a wait polls for the model before it sleeps (see [`default_spin`]): zero never
+    /// spins; a few tens of microseconds save a wake-up per reply when a core is free for it.
+    fn set_spin(&mut self, spin: Duration);
+
     /// Waits until the server sends a part's model (or says goodbye), at most `timeout` when
     /// given: `None` means nothing came in that time, or a signal interrupted the wait (so the
-    /// caller can look at it, e.g. Python's Ctrl-C). A frame whose first byte came in is read
-    /// whole.
+    /// caller can look at it, e.g. Python's Ctrl-C). A frame partly read is kept: the next wait
+    /// goes on with it.
     fn wait_model_for(&mut self, timeout: Option<Duration>) -> Result<Option<Incoming>, LinkError>;
 
     /// Blocks until the server sends a part's model (or says goodbye).

@@ -8,16 +8,18 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
-use crate::protocol::{control_frame, FrameKind, Header};
+use crate::protocol::{control_frame, FrameKind, Header, HEADER_LEN};
 use crate::{Arena, Key, Version};
 
 /// A piece of the queue.
 #[derive(Debug)]
 enum Segment {
-    /// Owned bytes (headers, control frames, detached models), sent from `pos` on.
+    /// Owned bytes (control frames, detached models), sent from `pos` on.
     Bytes { buf: Vec<u8>, pos: usize },
-    /// Version `version` of part `key`, still in the arena, sent from `pos` on.
+    /// A model frame: its header, then version `version` of part `key` still in the arena;
+    /// `pos` bytes of the two have gone. Queuing one allocates nothing.
     Model {
+        hdr: [u8; HEADER_LEN],
         key: Key,
         version: Version,
         pos: usize,
@@ -25,11 +27,28 @@ enum Segment {
 }
 
 impl Segment {
-    fn remaining<'a>(&'a self, arena: &'a Arena) -> &'a [u8] {
+    /// The unsent rest as at most two slices (a model's header and its data).
+    fn remaining<'a>(&'a self, arena: &'a Arena) -> [&'a [u8]; 2] {
         match self {
-            Segment::Bytes { buf, pos, .. } => &buf[*pos..],
-            Segment::Model { key, version, pos } => &arena.version_bytes(*key, *version)[*pos..],
+            Segment::Bytes { buf, pos, .. } => [&buf[*pos..], &[]],
+            Segment::Model {
+                hdr,
+                key,
+                version,
+                pos,
+            } => {
+                let data = arena.version_bytes(*key, *version);
+                [
+                    &hdr[(*pos).min(HEADER_LEN)..],
+                    &data[pos.saturating_sub(HEADER_LEN)..],
+                ]
+            }
         }
+    }
+
+    fn remaining_len(&self, arena: &Arena) -> usize {
+        let [a, b] = self.remaining(arena);
+        a.len() + b.len()
     }
 
     fn advance(&mut self, n: usize) {
@@ -47,7 +66,7 @@ pub struct Outbox {
     queued: usize,
 }
 
-/// Segments handed to one `writev`.
+/// Slices handed to one `writev` (a model takes two).
 const IOV: usize = 8;
 
 impl Outbox {
@@ -68,18 +87,13 @@ impl Outbox {
         self.segs.push_back(Segment::Bytes { buf, pos: 0 });
     }
 
-    /// Queues part `key`'s current model (header and a reference to the arena's version).
+    /// Queues part `key`'s current model (its header and a reference to the arena's version).
     pub fn push_model(&mut self, arena: &mut Arena, key: Key) {
         let (version, round) = arena.start_send(key);
         let len = arena.version_bytes(key, version).len() as u64;
-        self.queued += crate::protocol::HEADER_LEN + len as usize;
-        self.segs.push_back(Segment::Bytes {
-            buf: Header::new(FrameKind::Model, key, round, len)
-                .encode()
-                .to_vec(),
-            pos: 0,
-        });
+        self.queued += HEADER_LEN + len as usize;
         self.segs.push_back(Segment::Model {
+            hdr: Header::new(FrameKind::Model, key, round, len).encode(),
             key,
             version,
             pos: 0,
@@ -92,9 +106,17 @@ impl Outbox {
     pub fn flush(&mut self, w: &mut impl Write, arena: &mut Arena) -> io::Result<bool> {
         while !self.segs.is_empty() {
             let mut slices = [IoSlice::new(&[]); IOV];
-            let n = self.segs.len().min(IOV);
-            for (slice, seg) in slices.iter_mut().zip(&self.segs) {
-                *slice = IoSlice::new(seg.remaining(arena));
+            let mut n = 0;
+            'fill: for seg in &self.segs {
+                for part in seg.remaining(arena) {
+                    if n == IOV {
+                        break 'fill;
+                    }
+                    if !part.is_empty() {
+                        slices[n] = IoSlice::new(part);
+                        n += 1;
+                    }
+                }
             }
             match w.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -102,7 +124,7 @@ impl Outbox {
                     self.queued -= written;
                     while written > 0 {
                         let seg = self.segs.front_mut().expect("wrote from it");
-                        let left = seg.remaining(arena).len();
+                        let left = seg.remaining_len(arena);
                         if written < left {
                             seg.advance(written);
                             break;
@@ -130,7 +152,7 @@ impl Outbox {
         for seg in self.segs.iter_mut() {
             if matches!(*seg, Segment::Model { key: k, version: v, .. } if k == key && v == version)
             {
-                let buf = seg.remaining(arena).to_vec();
+                let buf = seg.remaining(arena).concat();
                 *seg = Segment::Bytes { buf, pos: 0 };
                 arena.end_send(key, version);
             }
@@ -151,7 +173,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Parts, HEADER_LEN};
+    use crate::protocol::Parts;
 
     /// A writer that takes at most `cap` bytes per call, then would block once.
     struct Trickle {

@@ -3,13 +3,14 @@
 //! and the connections. The timer is re-armed only when the deadline asked for changes.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
+use crate::spin::Spin;
 use crate::TransportError;
 
 /// Token of the listening socket.
@@ -39,6 +40,8 @@ pub struct Reactor {
     armed: Option<Instant>,
     /// `timerfd_settime` calls so far.
     timer_sets: u64,
+    /// How long a wait polls before it sleeps.
+    spin: Spin,
     events: Vec<EpollEvent>,
 }
 
@@ -69,6 +72,7 @@ impl Reactor {
             timer,
             armed: None,
             timer_sets: 0,
+            spin: Spin::new(Duration::ZERO),
             events: vec![EpollEvent::empty(); 256],
         })
     }
@@ -104,17 +108,27 @@ impl Reactor {
         out: &mut Vec<Ready>,
     ) -> Result<(), TransportError> {
         let now = Instant::now();
-        let timeout = match deadline {
-            Some(d) if d <= now => EpollTimeout::ZERO,
+        let n = match deadline {
+            Some(d) if d <= now => self.epoll_wait(EpollTimeout::ZERO)?,
             _ => {
-                self.arm(deadline, now)?;
-                EpollTimeout::NONE
+                // Poll for a while first: an answer on its way is taken without the wake-up
+                // of a sleeping thread (tens of microseconds across cores).
+                let until = self.spin.until(now);
+                let spin_until = deadline.map_or(until, |d| d.min(until));
+                let mut n = 0;
+                while n == 0 && Instant::now() < spin_until {
+                    n = self.epoll_wait(EpollTimeout::ZERO)?;
+                    std::hint::spin_loop();
+                }
+                if n == 0 {
+                    self.arm(deadline, Instant::now())?;
+                    n = self.epoll_wait(EpollTimeout::NONE)?;
+                }
+                // Whatever ended the wait (an event, the timer, a signal): its length says
+                // whether spinning pays.
+                self.spin.answered_after(now.elapsed());
+                n
             }
-        };
-        let n = match self.epoll.wait(&mut self.events, timeout) {
-            Ok(n) => n,
-            Err(Errno::EINTR) => 0,
-            Err(e) => return Err(TransportError::os("epoll_wait", e)),
         };
         for ev in &self.events[..n] {
             if ev.data() == TIMER {
@@ -131,6 +145,19 @@ impl Reactor {
             });
         }
         Ok(())
+    }
+
+    /// Polls for at most `spin` before each wait that would sleep (zero: never).
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = Spin::new(spin);
+    }
+
+    fn epoll_wait(&mut self, timeout: EpollTimeout) -> Result<usize, TransportError> {
+        match self.epoll.wait(&mut self.events, timeout) {
+            Ok(n) => Ok(n),
+            Err(Errno::EINTR) => Ok(0),
+            Err(e) => Err(TransportError::os("epoll_wait", e)),
+        }
     }
 
     /// Waits at most `ms` milliseconds for readiness and discards it, without touching the timer
@@ -160,7 +187,6 @@ impl Reactor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn the_timer_is_set_only_when_the_deadline_changes() {

@@ -9,6 +9,8 @@ use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use crate::spin::Spin;
+
 use hetsync_ffi::{
     Access, Completed, Completion, CompletionQueue, Endpoint, Gid, MemoryRegion, ProtectionDomain,
     QpCaps, QueuePair, RemoteBuffer, SendOp,
@@ -52,6 +54,8 @@ pub struct RdmaClient {
     ended: bool,
     completions: Vec<Completion>,
     control: WorkerEnd,
+    /// How long a wait polls the completion queue before sleeping on its channel.
+    spin: Spin,
 }
 
 impl std::fmt::Debug for RdmaClient {
@@ -181,6 +185,7 @@ impl RdmaClient {
             landed: VecDeque::new(),
             ended: false,
             completions: Vec::new(),
+            spin: Spin::new(crate::default_spin()),
             control,
         })))
     }
@@ -371,14 +376,27 @@ impl WorkerLink for RdmaClient {
         Ok(())
     }
 
+    fn set_spin(&mut self, spin: Duration) {
+        self.spin = Spin::new(spin);
+    }
+
     fn wait_model_for(&mut self, timeout: Option<Duration>) -> Result<Option<Incoming>, LinkError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let start = Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        let until = self.spin.until(start);
+        let spin_until = deadline.map_or(until, |d| d.min(until));
         loop {
             if let Some(m) = self.take_model()? {
+                self.spin.answered_after(start.elapsed());
                 return Ok(Some(m));
             }
             if self.ended {
                 return Ok(Some(Incoming::Shutdown));
+            }
+            if Instant::now() < spin_until {
+                // A model about to land is taken from the queue without a wake-up.
+                std::hint::spin_loop();
+                continue;
             }
             // Milliseconds left, rounded up (-1: no limit).
             let ms = match deadline {

@@ -17,6 +17,7 @@
 
 mod client;
 mod peer;
+pub mod pingpong;
 mod server;
 
 pub use client::{RdmaClient, Upgrade};

@@ -3,6 +3,7 @@
 //! models straight into, and writes gradients from, buffers it owns.
 
 mod client;
+mod pipeline;
 mod server;
 
 pub use client::TcpClient;

@@ -52,6 +52,8 @@ pub struct ListenConfig {
     pub limits: Limits,
     /// How long a peer's queued output may make no progress before it is dropped.
     pub write_timeout: Duration,
+    /// How long the event loop polls before it sleeps (see [`crate::default_spin`]).
+    pub spin: Duration,
     /// The job's shared secret: when set, a worker must prove it knows it before it is
     /// admitted (see [`crate::auth`]).
     pub secret: Option<Arc<Secret>>,
@@ -66,6 +68,7 @@ impl ListenConfig {
             push_clock,
             limits: Limits::for_workers(workers),
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            spin: crate::default_spin(),
             secret: None,
         }
     }
@@ -164,7 +167,8 @@ impl ServerEnd {
         let local = listener
             .local_addr()
             .map_err(|e| TransportError::os("getsockname", e))?;
-        let reactor = Reactor::new()?;
+        let mut reactor = Reactor::new()?;
+        reactor.set_spin(cfg.spin);
         reactor
             .add_reader(listener.as_fd(), LISTENER)
             .map_err(|e| TransportError::os("epoll_ctl(ADD listener)", e))?;
