@@ -20,6 +20,7 @@ pub mod client;
 pub mod engine;
 pub mod experiment;
 pub mod server;
+pub mod swarm;
 pub mod sync;
 pub mod worker;
 
