@@ -1,6 +1,7 @@
 //! The `hetsync` command line: server, worker, bench and demo.
 
 mod bench;
+mod bench_scale;
 mod plot;
 mod run;
 mod signals;
@@ -422,6 +423,46 @@ enum BenchCommand {
     /// Updates/s are rounds closed per second for barrier policies, and pushes applied per second
     /// divided by the workers for vector clocks (one push from each is one naive round's worth).
     Stragglers(StragglerArgs),
+    /// Rounds/s and server memory with many workers (a thousand fit on two cores).
+    ///
+    /// Starts `hetsync server` as a child and drives --workers TCP connections to it from one
+    /// thread (epoll), each pushing every part and reading the models back, for --seconds.
+    /// Reports rounds/s and the server's VmRSS when listening, with every worker joined and idle,
+    /// and at the end; memory per connection is (idle - listening) / workers.
+    Scale(ScaleArgs),
+}
+
+/// The options of `hetsync bench scale` (its help text is on [`BenchCommand`]).
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  hetsync bench scale --workers 1000 --dims 16 --seconds 5
+  hetsync bench scale --workers 100 --dims 1048576,1024 --partition-kib 256 --json scale.json
+  hetsync bench scale --workers 4000 --policy timeout    # needs `ulimit -n` above 4064")]
+pub(crate) struct ScaleArgs {
+    /// Worker connections (ranks 0..N-1), all from this process.
+    #[arg(long, default_value_t = 1000, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    workers: u32,
+    /// Elements (f32) of each tensor, comma separated.
+    #[arg(long, value_name = "D1,D2,...", value_delimiter = ',', default_value = "16", value_parser = clap::value_parser!(u64).range(1..=(1u64 << 28)))]
+    dims: Vec<u64>,
+    /// Pushing time, after every worker joined (at most an hour).
+    #[arg(long, default_value_t = 5.0, value_name = "S")]
+    seconds: f64,
+    /// The server's --partition-kib: largest part a tensor travels in.
+    #[arg(long, value_name = "P", default_value_t = (crate::server::DEFAULT_PARTITION_BYTES / 1024) as u32, value_parser = clap::value_parser!(u32).range(1..=(1 << 20)))]
+    partition_kib: u32,
+    /// The server's --policy, with its default --timeout-ms and --staleness.
+    #[arg(long, value_enum, default_value_t = Policy::Naive)]
+    policy: Policy,
+    /// How workers connect: TCP only (one epoll set drives every connection).
+    #[arg(long, value_enum, default_value_t = bench_scale::ScaleTransport::Tcp)]
+    transport: bench_scale::ScaleTransport,
+    /// Every worker must have joined within this (retrying while the server starts).
+    #[arg(long, default_value_t = 120.0, value_name = "S")]
+    connect_timeout: f64,
+    /// Write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 /// The options of `hetsync bench stragglers` (its help text is on [`Command`]).
@@ -530,6 +571,7 @@ pub fn main() -> ExitCode {
         Command::Worker(a) => run::worker(a),
         Command::Status(a) => run::status(a),
         Command::Bench(BenchCommand::Stragglers(a)) => bench::stragglers(&a),
+        Command::Bench(BenchCommand::Scale(a)) => bench_scale::scale(&a),
         Command::Demo(a) => bench::demo(&a),
     };
     match result {
