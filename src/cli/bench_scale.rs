@@ -38,6 +38,9 @@ const TAIL: usize = 30;
 /// Open files the bench needs besides its connections: stdio, the epoll set, the server's pipe,
 /// and room to spare.
 const SPARE_FILES: u64 = 64;
+/// How much longer than its phases' own bounds the run may take before the server is killed:
+/// room for the readings' pauses, a stall's detection and a loaded machine.
+const HARD_CAP_MARGIN: f64 = 60.0;
 /// The longest run `--seconds` accepts: a bound on the whole bench, whatever is asked.
 pub(super) const MAX_SECONDS: f64 = 3600.0;
 /// The target a connection's memory is held to (beyond the arena's slots, mapped at start).
@@ -81,6 +84,8 @@ struct ServerChild {
     /// The last lines of its log.
     log: Arc<Mutex<VecDeque<String>>>,
     addr: String,
+    /// Kills the server if the run outlives its hard cap (see [`arm`](Self::arm)).
+    watchdog: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl ServerChild {
@@ -117,6 +122,7 @@ impl ServerChild {
             child,
             log,
             addr: String::new(),
+            watchdog: None,
         };
         match rx.recv_timeout(SERVER_START) {
             Ok(addr) => server.addr = addr,
@@ -152,8 +158,36 @@ impl ServerChild {
         }
     }
 
-    /// Whether (and how) the server has exited.
+    /// Kills the server (SIGKILL, to its PID) if it is still running `cap` from now: a worker
+    /// blocked in its handshake with a server that stopped answering (SIGSTOP, a livelock) then
+    /// sees the connection end, so every wait of the bench ends, whatever happens.
+    fn arm(&mut self, cap: Duration) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let (tx, rx) = mpsc::channel::<()>();
+        let handle = std::thread::spawn(move || {
+            if rx.recv_timeout(cap) == Err(RecvTimeoutError::Timeout) {
+                eprintln!(
+                    "bench scale: the run outlived its hard cap of {} s: killing the server",
+                    cap.as_secs()
+                );
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        });
+        self.watchdog = Some((tx, handle));
+    }
+
+    /// Stops the watchdog. Done before the child can be reaped: once reaped, its PID may name
+    /// another process, which the watchdog must never signal.
+    fn disarm(&mut self) {
+        if let Some((tx, handle)) = self.watchdog.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+
+    /// Whether (and how) the server has exited (reaping it if it has).
     fn exited(&mut self) -> Option<ExitStatus> {
+        self.disarm();
         self.child.try_wait().ok().flatten()
     }
 
@@ -286,6 +320,8 @@ pub(super) fn scale(a: &ScaleArgs) -> Result<(), CliError> {
         a.seconds
     );
     let mut server = ServerChild::spawn(&args)?;
+    let cap = a.connect_timeout + FIRST_MODELS.as_secs_f64() + a.seconds + HARD_CAP_MARGIN;
+    server.arm(Duration::from_secs_f64(cap));
     std::thread::sleep(SETTLE);
     let baseline = server.rss_kib()?;
     eprintln!(
