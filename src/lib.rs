@@ -21,6 +21,7 @@ pub mod engine;
 pub mod experiment;
 pub mod roundtrip;
 pub mod server;
+pub mod swarm;
 pub mod sync;
 pub mod worker;
 

@@ -1,6 +1,7 @@
 //! The `hetsync` command line: server, worker, bench and demo.
 
 mod bench;
+mod bench_scale;
 mod bench_transport;
 mod plot;
 mod run;
@@ -444,6 +445,13 @@ enum BenchCommand {
     /// Prints median and 99th-percentile round times, GB/s (tensor bytes / mean round time) and
     /// Het-Sync's ratio to the reference; --json writes the rows.
     Transport(bench_transport::TransportBenchArgs),
+    /// Rounds/s and server memory with many workers (a thousand fit on two cores).
+    ///
+    /// Starts `hetsync server` as a child and drives --workers TCP connections to it from one
+    /// thread (epoll), each pushing every part and reading the models back, for --seconds.
+    /// Reports rounds/s and the server's VmRSS when listening, with every worker joined and idle,
+    /// and at the end; memory per connection is (idle - listening) / workers.
+    Scale(bench_scale::ScaleArgs),
 }
 
 /// The options of `hetsync bench stragglers` (its help text is on [`Command`]).
@@ -553,6 +561,7 @@ pub fn main() -> ExitCode {
         Command::Status(a) => run::status(a),
         Command::Bench(BenchCommand::Stragglers(a)) => bench::stragglers(&a),
         Command::Bench(BenchCommand::Transport(a)) => bench_transport::run(&a),
+        Command::Bench(BenchCommand::Scale(a)) => bench_scale::scale(&a),
         Command::Demo(a) => bench::demo(&a),
     };
     match result {

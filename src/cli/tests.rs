@@ -41,3 +41,26 @@ fn timeouts_must_be_positive() {
     assert!(!parses(&format!("{server} --policy ssp --staleness 0")));
     assert!(parses(&format!("{server} --policy timeout --late drop")));
 }
+
+#[test]
+fn bench_scale_options() {
+    assert!(parses("hetsync bench scale"));
+    assert!(parses(
+        "hetsync bench scale --workers 1000 --dims 16,4 --seconds 2 --json f --policy timeout"
+    ));
+    assert!(parses(
+        "hetsync bench scale --partition-kib 4 --transport tcp"
+    ));
+    assert!(!parses("hetsync bench scale --workers 0"));
+    assert!(!parses("hetsync bench scale --dims 16,0"));
+    assert!(!parses("hetsync bench scale --transport rdma"));
+    let Command::Bench(BenchCommand::Scale(a)) =
+        Cli::parse_from(["hetsync", "bench", "scale"]).command
+    else {
+        panic!("not bench scale");
+    };
+    assert_eq!(
+        (a.workers, a.policy, a.dims),
+        (1000, Policy::Naive, vec![16])
+    );
+}
