@@ -1,6 +1,7 @@
 //! The `hetsync` command line: server, worker, bench and demo.
 
 mod bench;
+mod bench_aggregate;
 mod plot;
 mod run;
 mod signals;
@@ -422,6 +423,41 @@ enum BenchCommand {
     /// Updates/s are rounds closed per second for barrier policies, and pushes applied per second
     /// divided by the workers for vector clocks (one push from each is one naive round's worth).
     Stragglers(StragglerArgs),
+    /// GB/s of the gradient-sum kernels against a scalar loop and a fused memory-bound reference.
+    ///
+    /// For each gradient size and K, sums K gradients into a model in place with every kernel
+    /// this CPU supports (scalar, avx2, avx512; the server uses the widest), with the plain
+    /// scalar loop, and with the fused reference: the same sum written as a straightforward loop
+    /// the compiler vectorises, reading each array once and writing the model once, the speed a
+    /// kernel should reach once data comes from memory. The gradients sit in the server's own
+    /// arena, laid out as in a job of K workers. Implementations are timed in turn after a
+    /// warm-up, for --seconds each; the table shows median GB/s of bytes read and written and
+    /// the ratios selected kernel / reference and / scalar loop.
+    Aggregate(AggregateArgs),
+}
+
+/// The options of `hetsync bench aggregate` (its help text is on [`BenchCommand`]).
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:
+  hetsync bench aggregate
+  hetsync bench aggregate --sizes 1M,64M --k 4 --seconds 2
+  hetsync bench aggregate --k 1,2,4,8,16 --json aggregate.jsonl   # one JSON object per line")]
+pub(crate) struct AggregateArgs {
+    /// Bytes per gradient, comma separated: a number of bytes (a multiple of 4) or with K, M or
+    /// G (KiB, MiB, GiB). Pick sizes in cache and past the last-level cache.
+    #[arg(long, value_name = "SIZE,...", value_delimiter = ',', default_value = "64K,1M,16M,64M", value_parser = bench_aggregate::parse_size)]
+    sizes: Vec<u64>,
+    /// Numbers of gradients summed at once (the workers of a round), comma separated.
+    #[arg(long, value_name = "K,...", value_delimiter = ',', default_value = "1,2,4,8", value_parser = clap::value_parser!(u32).range(1..=256))]
+    k: Vec<u32>,
+    /// Measuring time of each (size, K, implementation), after a warm-up of a tenth of it;
+    /// every implementation gets at least 5 samples.
+    #[arg(long, default_value_t = 0.3, value_name = "S")]
+    seconds: f64,
+    /// Write the results to FILE as JSON lines: one describing the machine (CPU, CPUs, kernels),
+    /// then one per size, K and implementation (p50 and p99 time of one sum, GB/s).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 /// The options of `hetsync bench stragglers` (its help text is on [`Command`]).
@@ -530,6 +566,7 @@ pub fn main() -> ExitCode {
         Command::Worker(a) => run::worker(a),
         Command::Status(a) => run::status(a),
         Command::Bench(BenchCommand::Stragglers(a)) => bench::stragglers(&a),
+        Command::Bench(BenchCommand::Aggregate(a)) => bench_aggregate::aggregate(&a),
         Command::Demo(a) => bench::demo(&a),
     };
     match result {
