@@ -69,7 +69,7 @@ class Server:
         seconds: Optional[float] = None,
         listen: str = "127.0.0.1:0",
         transport: str = "auto",
-        partition_bytes: int = 1048576,
+        partition_bytes: int = 524288,
         secret_file: Optional[Union[str, PathLike[str]]] = None,
         start_after_ms: Optional[float] = None,
         evict_after_ms: Optional[float] = None,

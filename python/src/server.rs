@@ -22,7 +22,7 @@ type Run = JoinHandle<Result<ServerReport, ServerError>>;
 ///
 /// ``Server(workers, dims, *, policy="timeout", timeout_ms=10.0, staleness=3, late="fold",
 /// lr=0.1, rounds=None, seconds=None, listen="127.0.0.1:0", transport="auto",
-/// partition_bytes=1048576, secret_file=None, start_after_ms=None, evict_after_ms=None,
+/// partition_bytes=524288, secret_file=None, start_after_ms=None, evict_after_ms=None,
 /// log=False, init=None)`` binds at once (``address`` says where) and serves until ``rounds`` job rounds
 /// or ``seconds`` of training are done, or until ``stop()``. The model starts at ``init`` (one
 /// float32 array per tensor) or at zero; the
@@ -151,7 +151,7 @@ impl Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (workers, dims, *, policy="timeout", timeout_ms=10.0, staleness=3, late="fold", lr=0.1, rounds=None, seconds=None, listen="127.0.0.1:0", transport="auto", partition_bytes=1<<20, secret_file=None, start_after_ms=None, evict_after_ms=None, log=false, init=None))]
+    #[pyo3(signature = (workers, dims, *, policy="timeout", timeout_ms=10.0, staleness=3, late="fold", lr=0.1, rounds=None, seconds=None, listen="127.0.0.1:0", transport="auto", partition_bytes=512<<10, secret_file=None, start_after_ms=None, evict_after_ms=None, log=false, init=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,

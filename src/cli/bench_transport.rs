@@ -34,9 +34,10 @@ pub(crate) struct TransportBenchArgs {
     /// Which transports to measure.
     #[arg(long, value_enum, default_value_t = Which::Both)]
     transport: Which,
-    /// Tensor sizes in bytes, comma separated; K, M and G (KiB, MiB, GiB) suffixes allowed.
-    #[arg(long, value_delimiter = ',', default_value = "4K,64K,1M,16M,64M", value_parser = parse_size)]
-    sizes: Vec<usize>,
+    /// Tensor sizes, comma separated: bytes (a multiple of 4), or with K, M or G (KiB, MiB,
+    /// GiB); at most 1G.
+    #[arg(long, value_delimiter = ',', default_value = "4K,64K,1M,16M,64M", value_parser = super::bench_aggregate::parse_size)]
+    sizes: Vec<u64>,
     /// Seconds of timed rounds per size, path and repetition.
     #[arg(long, default_value_t = 1.0, value_parser = positive_seconds)]
     seconds: f64,
@@ -59,33 +60,6 @@ pub(crate) struct TransportBenchArgs {
     /// Write the rows as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
-}
-
-/// Parses `4096`, `4K`, `4KiB`, `1M`, `1G` into bytes; a multiple of 4 (whole floats).
-pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let (digits, unit) = match lower.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => lower.split_at(i),
-        None => (lower.as_str(), ""),
-    };
-    let shift = match unit.trim_end_matches("ib").trim_end_matches('b') {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        _ => return Err(format!("{t:?}: use bytes, or a K, M or G suffix (4K, 1M)")),
-    };
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("{t:?} is not a size (4096, 4K, 1M)"))?;
-    let bytes = n << shift;
-    if bytes == 0 || !bytes.is_multiple_of(4) || bytes > 1 << 32 {
-        return Err(format!(
-            "{t:?}: a size must be a positive multiple of 4 bytes, at most 4G"
-        ));
-    }
-    Ok(bytes)
 }
 
 fn positive_seconds(s: &str) -> Result<f64, String> {
@@ -115,19 +89,10 @@ struct Output<'a> {
     rows: &'a [Row],
 }
 
-/// "N CPUs, model name" from /proc/cpuinfo, for the output's machine line.
+/// "N CPUs, model name", for the output's machine line.
 pub(crate) fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpus} CPUs, {model}")
+    format!("{cpus} CPUs, {}", super::bench_aggregate::cpu_model())
 }
 
 /// A size for people: 4 KiB, 16 MiB.
@@ -178,7 +143,7 @@ pub(super) fn run(a: &TransportBenchArgs) -> Result<(), CliError> {
         } else {
             "tcp"
         };
-        for &size in &a.sizes {
+        for size in a.sizes.iter().map(|&s| s as usize) {
             let (hs, raw) = measure_size(a, choice, &rdma, size, partition, spin)?;
             for (path, s) in [("hetsync", &hs), ("raw", &raw)] {
                 rows.push(Row {

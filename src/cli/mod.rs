@@ -1,6 +1,7 @@
 //! The `hetsync` command line: server, worker, bench and demo.
 
 mod bench;
+mod bench_aggregate;
 mod bench_scale;
 mod bench_transport;
 mod plot;
@@ -452,6 +453,17 @@ enum BenchCommand {
     /// Reports rounds/s and the server's VmRSS when listening, with every worker joined and idle,
     /// and at the end; memory per connection is (idle - listening) / workers.
     Scale(bench_scale::ScaleArgs),
+    /// GB/s of the gradient-sum kernels against a scalar loop and a fused memory-bound reference.
+    ///
+    /// For each gradient size and K, sums K gradients into a model in place with every kernel
+    /// this CPU supports (scalar, avx2, avx512; the server uses the widest), with the plain
+    /// scalar loop, and with the fused reference: the same sum written as a straightforward loop
+    /// the compiler vectorises, reading each array once and writing the model once, the speed a
+    /// kernel should reach once data comes from memory. The gradients sit in the server's own
+    /// arena, laid out as in a job of K workers. Implementations are timed in turn after a
+    /// warm-up, for --seconds each; the table shows median GB/s of bytes read and written and
+    /// the ratios selected kernel / reference and / scalar loop.
+    Aggregate(bench_aggregate::AggregateArgs),
 }
 
 /// The options of `hetsync bench stragglers` (its help text is on [`Command`]).
@@ -562,6 +574,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Stragglers(a)) => bench::stragglers(&a),
         Command::Bench(BenchCommand::Transport(a)) => bench_transport::run(&a),
         Command::Bench(BenchCommand::Scale(a)) => bench_scale::scale(&a),
+        Command::Bench(BenchCommand::Aggregate(a)) => bench_aggregate::aggregate(&a),
         Command::Demo(a) => bench::demo(&a),
     };
     match result {

@@ -64,3 +64,25 @@ fn bench_scale_options() {
         (1000, Policy::Naive, vec![16])
     );
 }
+
+#[test]
+fn aggregate_sizes_take_units_and_must_be_whole_floats() {
+    assert!(parses(
+        "hetsync bench aggregate --sizes 64K,1MiB,68 --k 1,8 --seconds 0.1 --json x"
+    ));
+    assert!(parses("hetsync bench aggregate"));
+    assert!(
+        !parses("hetsync bench aggregate --sizes 66"),
+        "not whole floats"
+    );
+    assert!(!parses("hetsync bench aggregate --sizes 0"));
+    assert!(
+        !parses("hetsync bench aggregate --sizes 2G"),
+        "past one part"
+    );
+    assert!(!parses("hetsync bench aggregate --sizes 4X"));
+    assert!(!parses("hetsync bench aggregate --k 0"));
+    assert_eq!(bench_aggregate::parse_size("64KiB"), Ok(64 << 10));
+    assert_eq!(bench_aggregate::parse_size("16m"), Ok(16 << 20));
+    assert_eq!(bench_aggregate::parse_size("1G"), Ok(1 << 30));
+}

@@ -15,7 +15,7 @@ pub enum Kernel {
     Scalar,
     /// 256-bit AVX2, 32 floats per iteration.
     Avx2,
-    /// 512-bit AVX-512F, 64 floats per iteration.
+    /// 512-bit AVX-512F, 16 floats per iteration.
     Avx512,
 }
 
@@ -127,8 +127,39 @@ mod x86 {
     /// The CPU must support AVX2, and every source (and `base`) must be as long as `dst`.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn avx2(dst: &mut [f32], base: Option<&[f32]>, srcs: &[&[f32]], alpha: f32) {
+        // Up to 8 sources (the common jobs) the loop is specialised for their number, so the
+        // loop over them is unrolled; beyond, one loop for any number.
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe {
+            match srcs.len() {
+                1 => avx2_k::<1>(dst, base, srcs, alpha),
+                2 => avx2_k::<2>(dst, base, srcs, alpha),
+                3 => avx2_k::<3>(dst, base, srcs, alpha),
+                4 => avx2_k::<4>(dst, base, srcs, alpha),
+                5 => avx2_k::<5>(dst, base, srcs, alpha),
+                6 => avx2_k::<6>(dst, base, srcs, alpha),
+                7 => avx2_k::<7>(dst, base, srcs, alpha),
+                8 => avx2_k::<8>(dst, base, srcs, alpha),
+                _ => avx2_k::<0>(dst, base, srcs, alpha),
+            }
+        }
+    }
+
+    /// [`avx2`] for `K` sources (`K = 0`: any number).
+    ///
+    /// # Safety
+    /// As [`avx2`]; `K` is 0 or the number of sources, at least one.
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2_k<const K: usize>(
+        dst: &mut [f32],
+        base: Option<&[f32]>,
+        srcs: &[&[f32]],
+        alpha: f32,
+    ) {
         const W: usize = 8;
         const STEP: usize = 4 * W;
+        let k = if K == 0 { srcs.len() } else { K };
+        let srcs = &srcs[..k];
         let n = dst.len();
         let a = _mm256_set1_ps(alpha);
         let d = dst.as_mut_ptr();
@@ -146,7 +177,7 @@ mod x86 {
                 let mut x1 = _mm256_loadu_ps(p.add(W));
                 let mut x2 = _mm256_loadu_ps(p.add(2 * W));
                 let mut x3 = _mm256_loadu_ps(p.add(3 * W));
-                for s in &srcs[1..] {
+                for s in &srcs[1..k] {
                     let p = s.as_ptr().add(i);
                     x0 = _mm256_add_ps(x0, _mm256_loadu_ps(p));
                     x1 = _mm256_add_ps(x1, _mm256_loadu_ps(p.add(W)));
@@ -176,42 +207,63 @@ mod x86 {
         srcs: &[&[f32]],
         alpha: f32,
     ) {
+        // Up to 8 sources (the common jobs) the loop is specialised for their number, so the
+        // loop over them is unrolled; beyond, one loop for any number.
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe {
+            match srcs.len() {
+                1 => avx512_k::<1>(dst, base, srcs, alpha),
+                2 => avx512_k::<2>(dst, base, srcs, alpha),
+                3 => avx512_k::<3>(dst, base, srcs, alpha),
+                4 => avx512_k::<4>(dst, base, srcs, alpha),
+                5 => avx512_k::<5>(dst, base, srcs, alpha),
+                6 => avx512_k::<6>(dst, base, srcs, alpha),
+                7 => avx512_k::<7>(dst, base, srcs, alpha),
+                8 => avx512_k::<8>(dst, base, srcs, alpha),
+                _ => avx512_k::<0>(dst, base, srcs, alpha),
+            }
+        }
+    }
+
+    /// [`avx512`] for `K` sources (`K = 0`: any number).
+    ///
+    /// # Safety
+    /// As [`avx512`]; `K` is 0 or the number of sources, at least one.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_k<const K: usize>(
+        dst: &mut [f32],
+        base: Option<&[f32]>,
+        srcs: &[&[f32]],
+        alpha: f32,
+    ) {
+        // One vector (one cache line) of each source per iteration, as in the loop LLVM writes
+        // for the fused reference. Measured on this machine kind, K = 4 and 8 gradients of
+        // 64 MiB, GB/s relative to the reference in the same run: four lines of each source in
+        // turn (as AVX2 does) 0.80-0.99x; one line with a loop over any number of sources
+        // 0.77-0.96x (and 0.95x in cache); one line, sources unrolled for K <= 8: 0.99-1.07x.
         const W: usize = 16;
-        const STEP: usize = 4 * W;
+        let k = if K == 0 { srcs.len() } else { K };
+        let srcs = &srcs[..k];
         let n = dst.len();
         let a = _mm512_set1_ps(alpha);
         let d = dst.as_mut_ptr();
         // In place, the base is the destination itself.
         let bp = base.map_or(d as *const f32, <[f32]>::as_ptr);
         let mut i = 0;
-        while i + STEP <= n {
-            // SAFETY: i + STEP <= n and every source and the base have n elements, so all loads
+        while i + W <= n {
+            // SAFETY: i + W <= n and every source and the base have n elements, so all loads
             // and stores below are in bounds; unaligned load/store intrinsics accept any address;
             // `dst` is exclusively borrowed and `base` is either `dst` itself or a shared slice
             // that cannot overlap it.
             unsafe {
-                let p = srcs[0].as_ptr().add(i);
-                let mut x0 = _mm512_loadu_ps(p);
-                let mut x1 = _mm512_loadu_ps(p.add(W));
-                let mut x2 = _mm512_loadu_ps(p.add(2 * W));
-                let mut x3 = _mm512_loadu_ps(p.add(3 * W));
-                for s in &srcs[1..] {
-                    let p = s.as_ptr().add(i);
-                    x0 = _mm512_add_ps(x0, _mm512_loadu_ps(p));
-                    x1 = _mm512_add_ps(x1, _mm512_loadu_ps(p.add(W)));
-                    x2 = _mm512_add_ps(x2, _mm512_loadu_ps(p.add(2 * W)));
-                    x3 = _mm512_add_ps(x3, _mm512_loadu_ps(p.add(3 * W)));
+                let mut x = _mm512_loadu_ps(srcs[0].as_ptr().add(i));
+                for s in &srcs[1..k] {
+                    x = _mm512_add_ps(x, _mm512_loadu_ps(s.as_ptr().add(i)));
                 }
-                let (q, b) = (d.add(i), bp.add(i));
-                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(b), _mm512_mul_ps(a, x0)));
-                let (q, b) = (q.add(W), b.add(W));
-                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(b), _mm512_mul_ps(a, x1)));
-                let (q, b) = (q.add(W), b.add(W));
-                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(b), _mm512_mul_ps(a, x2)));
-                let (q, b) = (q.add(W), b.add(W));
-                _mm512_storeu_ps(q, _mm512_add_ps(_mm512_loadu_ps(b), _mm512_mul_ps(a, x3)));
+                let sum = _mm512_add_ps(_mm512_loadu_ps(bp.add(i)), _mm512_mul_ps(a, x));
+                _mm512_storeu_ps(d.add(i), sum);
             }
-            i += STEP;
+            i += W;
         }
         super::scalar(dst, base, srcs, alpha, i);
     }
@@ -262,7 +314,7 @@ mod tests {
     #[test]
     fn every_kernel_matches_scalar_bit_for_bit() {
         for n in [0, 1, 2, 7, 15, 16, 17, 31, 33, 63, 64, 65, 127, 1000, 4099] {
-            for k in [1, 2, 3, 4, 8] {
+            for k in [1, 2, 3, 4, 5, 6, 7, 8, 9, 12] {
                 check(n, k, -0.25);
             }
         }
@@ -278,6 +330,37 @@ mod tests {
             check((x >> 33) as usize % 20_000, 1 + (x >> 20) as usize % 6, 0.5);
         }
         check((1 << 22) + 13, 4, -1.0 / 3.0);
+    }
+
+    #[test]
+    fn every_kernel_matches_scalar_on_staggered_buffers() {
+        // Gradients carved from one buffer the way the arena lays out worker slots (a stride
+        // off 4 KiB multiples by 320 bytes), and from odd float offsets (unaligned vectors).
+        for (n, stride_extra, shift) in [(1024, 80, 0), (1024, 80, 1), (4099, 16, 3), (333, 1, 0)] {
+            for k in [1, 4, 8, 9] {
+                let stride = n + stride_extra;
+                let pool = data(7, shift + k * stride);
+                let views: Vec<&[f32]> = (0..k).map(|j| &pool[shift + j * stride..][..n]).collect();
+                let mut model = data(5, n + 1);
+                let init = model[1..].to_vec();
+                let mut want = init.clone();
+                Kernel::Scalar.sum_scaled_into(&mut want, &views, 0.75);
+                for kernel in Kernel::available() {
+                    model[1..].copy_from_slice(&init);
+                    // The model one float off alignment too.
+                    kernel.sum_scaled_into(&mut model[1..], &views, 0.75);
+                    let same = model[1..]
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{} differs at n={n} k={k} shift={shift}",
+                        kernel.name()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

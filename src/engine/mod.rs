@@ -3,6 +3,7 @@
 //! memory.
 
 pub mod kernels;
+pub mod reference;
 
 pub use kernels::Kernel;
 
