@@ -292,6 +292,16 @@ impl<T: Transport> Server<T> {
         })
     }
 
+    /// Whether part `key` has closed the run's last round (barrier policies; under a vector
+    /// clock the run ends on the slowest worker's clock and every push counts).
+    fn finished_part(&mut self, key: Key) -> bool {
+        !self.cfg.mode.is_clocked()
+            && self
+                .cfg
+                .rounds
+                .is_some_and(|r| self.tensors.policy(key).round() >= r)
+    }
+
     fn done(&self, now: Instant) -> bool {
         let rounds = self.cfg.rounds.is_some_and(|r| self.stats.rounds >= r);
         let time =
@@ -334,6 +344,16 @@ impl<T: Transport> Server<T> {
                 }
             }
             Event::Pushed { rank, key, clock } => {
+                if self.finished_part(key) {
+                    // Under a barrier a part may run a round ahead of the key's slowest part
+                    // (a late push is answered at once). Once it has closed every round the run
+                    // asked for, a push is handed back with the part's final model unapplied:
+                    // its worker goes on with the parts still running, and the saved model is
+                    // exactly the rounds the run closed and logged.
+                    self.arena.lend(rank, key);
+                    self.transport.send_model(&mut self.arena, rank, key);
+                    return Ok(());
+                }
                 if let Err(e) = self.tensors.policy(key).on_push(rank, clock, now) {
                     self.log(format_args!("dropping worker {rank}: {e}"));
                     self.transport

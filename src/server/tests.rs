@@ -203,3 +203,33 @@ fn a_bounded_wait_returns_empty_handed_and_a_later_one_gets_the_model() {
         second.bye().unwrap();
     });
 }
+
+#[test]
+fn a_part_that_closed_the_last_round_answers_pushes_without_closing_more() {
+    // Two single-part tensors under the timeout barrier: worker 0 runs tensor 0 on its own
+    // (each round closes by timeout without worker 1) while tensor 1 never moves, so the run
+    // cannot end and tensor 0 is pushed past the run's last round.
+    let cfg = ServerConfig {
+        mode: SyncMode::named("timeout", Duration::from_millis(1), 0).unwrap(),
+        rounds: Some(3),
+        ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), 2, vec![8, 8])
+    };
+    with_server(cfg, |addr| {
+        let mut a = connect(addr, 0, &[8, 8]);
+        let _b = connect(addr, 1, &[8, 8]);
+        a.wait_all().unwrap();
+        for _ in 0..8 {
+            a.tensor(0).1.fill(1.0);
+            a.push(0).unwrap();
+            a.wait(0).unwrap();
+        }
+        assert_eq!(a.round(0), 3, "tensor 0 closed rounds past the run's last");
+        assert_eq!(a.round(1), 0);
+        // Its model is that of round 3: three steps of the one gradient 1.0 at rate 0.1.
+        assert!(
+            a.model(0).iter().all(|&m| (m + 0.3).abs() < 1e-6),
+            "{:?}",
+            a.model(0)
+        );
+    });
+}
