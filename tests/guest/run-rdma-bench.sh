@@ -32,3 +32,16 @@ echo "BENCH-JSON-END"
 echo "== criterion transport_rdma (in the guest)"
 ./$(basename "$bench") --bench --warm-up-time 0.3 --measurement-time 1 transport_rdma || rc=1
 exit \$rc
+EOF
+console=$(mktemp)
+trap 'rm -f "$script" "$console"' EXIT
+set +e
+bash tests/guest/soft-roce.sh run target/guest-cache target/guest-work "$script" "$bench" \
+  target/release/hetsync | tee "$console"
+rc=${PIPESTATUS[0]}
+set -e
+if [ -n "$out" ]; then
+  sed -n '/BENCH-JSON-BEGIN/,/BENCH-JSON-END/p' "$console" | sed 's/^guest| //' |
+    grep -v 'BENCH-JSON-' >"$out" || true
+fi
+exit "$rc"
