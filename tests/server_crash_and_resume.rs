@@ -25,7 +25,7 @@ fn a_killed_server_resumes_from_its_checkpoint_and_workers_carry_on() {
         dir.join("model.f32"),
         dir.join("at-ckpt.f32"),
     );
-    let job = job_hash(&[DIM], 1 << 20, 4, "naive");
+    let job = job_hash(&[DIM], hetsync::server::DEFAULT_PARTITION_BYTES, 4, "naive");
     let common_args = [
         "--workers",
         "4",
