@@ -299,6 +299,15 @@ impl Client {
         if self.shutdown {
             return Ok(());
         }
+        self.push_parts(key)?;
+        // Whole on its way before returning, so computing the next key overlaps the server's
+        // work on this one (over TCP the socket may not take a large tensor at once).
+        self.link.flush()
+    }
+
+    /// Queues every part of tensor `key` (see [`push`](Self::push)), without waiting for the
+    /// transport to take them.
+    fn push_parts(&mut self, key: usize) -> Result<(), LinkError> {
         self.begin_push(key);
         for p in self.link.parts().of_tensor(key) {
             self.push_part(key, p)?;
@@ -390,8 +399,12 @@ impl Client {
     /// the server sums and answers each part as it arrives), ticks the clock, then waits for
     /// every model.
     pub fn step(&mut self) -> Result<Status, LinkError> {
+        if self.shutdown {
+            return Ok(Status::Shutdown);
+        }
+        // The wait below moves whatever the transport has not taken yet.
         for key in 0..self.awaited.len() {
-            self.push(key)?;
+            self.push_parts(key)?;
         }
         self.clock();
         self.wait_all()

@@ -33,6 +33,9 @@ pub enum RoundTripError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The raw verbs ping-pong.
+    #[error("the raw RDMA ping-pong: {0}")]
+    RawRdma(#[source] LinkError),
     /// The server ended the run early.
     #[error("the benchmark's server said goodbye in the middle of the run")]
     Ended,
@@ -95,13 +98,28 @@ impl HetSync {
             stop,
             transport: String::new(),
         };
-        let mut client = Client::connect(&opts)?;
+        let mut client = match Client::connect(&opts) {
+            Ok(c) => c,
+            // A server that failed says why better than the refused connection does.
+            Err(e) => return Err(me.server_failure().unwrap_or(e.into())),
+        };
         me.transport = client.transport().to_string();
         if client.wait_all()? == Status::Shutdown {
             return Err(RoundTripError::Ended);
         }
         me.client = Some(client);
         Ok(me)
+    }
+
+    /// The server thread's error, if it has ended with one.
+    fn server_failure(&mut self) -> Option<RoundTripError> {
+        if !self.server.as_ref()?.is_finished() {
+            return None;
+        }
+        match self.server.take()?.join() {
+            Ok(Err(e)) => Some(e.into()),
+            _ => None,
+        }
     }
 
     /// Which transport the worker ended up on, and why.
@@ -198,16 +216,16 @@ impl RawRdma {
             device: rdma.device.clone(),
             gid_index: rdma.gid_index,
         };
-        Ok(Self(hetsync_transport::rdma::pingpong::PingPong::new(
-            &cfg, bytes,
-        )?))
+        let pp = hetsync_transport::rdma::pingpong::PingPong::new(&cfg, bytes)
+            .map_err(RoundTripError::RawRdma)?;
+        Ok(Self(pp))
     }
 }
 
 #[cfg(feature = "rdma")]
 impl RoundTrip for RawRdma {
     fn round(&mut self) -> Result<(), RoundTripError> {
-        Ok(self.0.round()?)
+        self.0.round().map_err(RoundTripError::RawRdma)
     }
 }
 

@@ -18,10 +18,9 @@ fn sizes() -> Vec<usize> {
     match std::env::var("HETSYNC_BENCH_SIZES") {
         Ok(s) => s
             .split(',')
-            .map(|x| {
-                x.trim()
-                    .parse()
-                    .expect("HETSYNC_BENCH_SIZES: bytes, comma separated")
+            .map(|x| match x.trim().parse::<usize>() {
+                Ok(n) if n > 0 && n.is_multiple_of(4) => n,
+                _ => panic!("HETSYNC_BENCH_SIZES: {x:?} is not a positive multiple of 4 bytes"),
             })
             .collect(),
         Err(_) => vec![4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20],

@@ -223,7 +223,7 @@ fn a_part_that_closed_the_last_round_answers_pushes_without_closing_more() {
             a.push(0).unwrap();
             a.wait(0).unwrap();
         }
-        assert_eq!(a.round(0), 3, "tensor 0 closed rounds past the run's last");
+        assert_eq!(a.round(0), 3, "tensor 0 must stop at the run's last round");
         assert_eq!(a.round(1), 0);
         // Its model is that of round 3: three steps of the one gradient 1.0 at rate 0.1.
         assert!(

@@ -14,8 +14,8 @@ out=${1:-}
 sizes=${HETSYNC_GUEST_BENCH_SIZES:-4096,65536,1048576,16777216}
 secs=${HETSYNC_GUEST_BENCH_SECONDS:-1}
 
-bench=$(cargo bench --locked -p hetsync-bench --bench transport --no-run --message-format=json 2>/dev/null |
-  grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1)
+bench=$({ cargo bench --locked -p hetsync-bench --bench transport --no-run --message-format=json ||
+  true; } | { grep -o '"executable":"[^"]*"' || true; } | cut -d'"' -f4 | tail -n1)
 [ -x "$bench" ] || { echo "run-rdma-bench: the criterion transport bench did not build" >&2; exit 1; }
 cargo build --locked --release --bin hetsync 2>&1 | tail -n 1
 

@@ -273,6 +273,10 @@ impl WorkerLink for AnyLink {
         self.inner().set_spin(spin)
     }
 
+    fn flush(&mut self) -> Result<(), LinkError> {
+        self.inner().flush()
+    }
+
     fn wait_model_for(&mut self, timeout: Option<Duration>) -> Result<Option<Incoming>, LinkError> {
         self.inner().wait_model_for(timeout)
     }

@@ -329,6 +329,13 @@ pub trait WorkerLink {
         (&model[part.elems()], &mut grad[part.elems()])
     }
 
+    /// Hands every push made so far to the transport whole (TCP queues what the socket does not
+    /// take at once and writes it on later calls; RDMA posts each push whole already). Reads
+    /// arriving models meanwhile.
+    fn flush(&mut self) -> Result<(), LinkError> {
+        Ok(())
+    }
+
     /// How long a wait polls for the model before it sleeps (see [`default_spin`]): zero never
     /// spins; a few tens of microseconds save a wake-up per reply when a core is free for it.
     fn set_spin(&mut self, spin: Duration);

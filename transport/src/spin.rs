@@ -13,7 +13,9 @@
 //! And no one spins on a crowded machine: when more threads are runnable than there are CPUs
 //! (the kernel's count in `/proc/loadavg`, read at most every 50 ms per process), a spinner
 //! would only take time from the process it waits for, while a sleeper is woken promptly (the
-//! scheduler favours it, and no CPU is idle, so no idle exit is paid).
+//! scheduler favours it, and no CPU is idle, so no idle exit is paid). The count is the whole
+//! host's, held against the CPUs this process may use: in a container limited to fewer CPUs than
+//! a busy host has, spinning stays off, which is the safe side.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

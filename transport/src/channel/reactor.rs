@@ -109,25 +109,33 @@ impl Reactor {
     ) -> Result<(), TransportError> {
         let now = Instant::now();
         let n = match deadline {
-            Some(d) if d <= now => self.epoll_wait(EpollTimeout::ZERO)?,
+            Some(d) if d <= now => self.epoll_wait(EpollTimeout::ZERO)?.unwrap_or(0),
             _ => {
                 // Poll for a while first: an answer on its way is taken without the wake-up
                 // of a sleeping thread (tens of microseconds across cores).
                 let until = self.spin.until(now);
                 let spin_until = deadline.map_or(until, |d| d.min(until));
-                let mut n = 0;
-                while n == 0 && Instant::now() < spin_until {
-                    n = self.epoll_wait(EpollTimeout::ZERO)?;
+                let mut got = Some(0);
+                while got == Some(0) && Instant::now() < spin_until {
+                    got = self.epoll_wait(EpollTimeout::ZERO)?;
                     std::hint::spin_loop();
                 }
-                if n == 0 {
-                    self.arm(deadline, Instant::now())?;
-                    n = self.epoll_wait(EpollTimeout::NONE)?;
+                if got == Some(0) {
+                    let after = Instant::now();
+                    got = match deadline {
+                        // The deadline passed while spinning: no sleep (arming the timer for
+                        // a zero duration would disarm it).
+                        Some(d) if d <= after => Some(0),
+                        _ => {
+                            self.arm(deadline, after)?;
+                            self.epoll_wait(EpollTimeout::NONE)?
+                        }
+                    };
                 }
                 // Whatever ended the wait (an event, the timer, a signal): its length says
                 // whether spinning pays.
                 self.spin.answered_after(now.elapsed());
-                n
+                got.unwrap_or(0)
             }
         };
         for ev in &self.events[..n] {
@@ -152,10 +160,11 @@ impl Reactor {
         self.spin = Spin::new(spin);
     }
 
-    fn epoll_wait(&mut self, timeout: EpollTimeout) -> Result<usize, TransportError> {
+    /// One `epoll_wait`: how many events, or `None` when a signal interrupted it.
+    fn epoll_wait(&mut self, timeout: EpollTimeout) -> Result<Option<usize>, TransportError> {
         match self.epoll.wait(&mut self.events, timeout) {
-            Ok(n) => Ok(n),
-            Err(Errno::EINTR) => Ok(0),
+            Ok(n) => Ok(Some(n)),
+            Err(Errno::EINTR) => Ok(None),
             Err(e) => Err(TransportError::os("epoll_wait", e)),
         }
     }
@@ -171,8 +180,12 @@ impl Reactor {
             return Ok(());
         }
         match deadline {
+            // At least a nanosecond: a zero duration disarms a timerfd.
             Some(d) => self.timer.set(
-                Expiration::OneShot(TimeSpec::from_duration(d - now)),
+                Expiration::OneShot(TimeSpec::from_duration(
+                    d.saturating_duration_since(now)
+                        .max(Duration::from_nanos(1)),
+                )),
                 TimerSetTimeFlags::empty(),
             ),
             None => self.timer.unset(),
@@ -211,6 +224,32 @@ mod tests {
             .unwrap();
         r.wait(None, &mut out).unwrap();
         assert_eq!(r.timer_sets, 3);
+    }
+
+    #[test]
+    fn a_deadline_that_passes_while_spinning_ends_the_wait() {
+        use std::io::Write;
+        let mut r = Reactor::new().unwrap();
+        r.set_spin(Duration::from_millis(200));
+        // Wakes the reactor after 3 s in case the deadline is missed (the test then fails
+        // instead of hanging).
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        r.add_reader(rx.as_fd(), WATCH).unwrap();
+        let rescue = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            let _ = tx.write_all(b"x");
+        });
+        let mut out = Vec::new();
+        let start = Instant::now();
+        r.wait(Some(start + Duration::from_millis(5)), &mut out)
+            .unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the wait ran past its deadline: {:?}",
+            start.elapsed()
+        );
+        assert!(out.is_empty());
+        rescue.join().unwrap();
     }
 
     #[test]

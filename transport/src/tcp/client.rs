@@ -72,19 +72,19 @@ impl TcpClient {
     /// Writes what the socket takes of the queued pushes, then reads whatever has come in.
     fn pump(&mut self) -> Result<(), LinkError> {
         let stream = self.end.stream();
-        if !self.out.is_empty() {
-            if let Err(e) = self.out.write(stream, &self.grads, self.end.parts()) {
-                return Err(self.io_err("write push", e));
-            }
-        }
         let parts = self.end.parts();
-        self.inb.read(
-            stream,
-            &mut self.models,
-            parts,
-            &mut self.ready,
-            self.end.peer(),
-        )
+        let written = match self.out.is_empty() {
+            true => Ok(true),
+            false => self.out.write(stream, &self.grads, parts),
+        };
+        // Read even after a failed write: a server that dropped this worker said why before
+        // closing, and its words beat the broken pipe.
+        let peer = self.end.peer();
+        self.inb
+            .read(stream, &mut self.models, parts, &mut self.ready, peer)?;
+        written
+            .map(|_| ())
+            .map_err(|e| self.io_err("write push", e))
     }
 
     /// Sleeps until the socket is readable (or writable, while pushes wait or `write`), at most
@@ -164,6 +164,10 @@ impl WorkerLink for TcpClient {
                 self.spin.answered_after(start.elapsed());
                 return Ok(Some(m));
             }
+            if self.inb.said_goodbye() {
+                // Handed out once already; nothing more will come.
+                return Ok(Some(Incoming::Shutdown));
+            }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
                 self.spin.answered_after(now - start);
@@ -180,7 +184,15 @@ impl WorkerLink for TcpClient {
         }
     }
 
+    fn flush(&mut self) -> Result<(), LinkError> {
+        self.drain()
+    }
+
     fn bye(&mut self) -> Result<(), LinkError> {
+        if self.inb.said_goodbye() {
+            // The run is over: nobody reads pushes still queued.
+            self.out.clear();
+        }
         self.drain()?;
         let hdr = Header::new(FrameKind::Bye, 0, 0, 0).encode();
         let mut sent = 0;

@@ -48,6 +48,12 @@ impl Outbound {
         self.queue.is_empty()
     }
 
+    /// Forgets every push not yet written (the server has ended the run: nobody reads them).
+    pub(super) fn clear(&mut self) {
+        self.queue.clear();
+        self.sent = 0;
+    }
+
     /// Whether part `key` has a push still waiting (wholly or partly) to be written.
     #[cfg(test)]
     fn holds(&self, key: Key) -> bool {
@@ -117,11 +123,18 @@ pub(super) struct Inbound {
     frame: Option<Header>,
     /// An error frame's text.
     text: Vec<u8>,
-    /// The server said goodbye: nothing after it is read.
+    /// The server said goodbye, or refused this worker: nothing after it is read.
     ended: bool,
+    /// The server's refusal, repeated to every later read.
+    refusal: Option<String>,
 }
 
 impl Inbound {
+    /// Whether the server said goodbye (every frame before it has been reported).
+    pub(super) fn said_goodbye(&self) -> bool {
+        self.ended && self.refusal.is_none()
+    }
+
     /// Reads every frame the socket holds now: models land in `models` and are reported in
     /// `out`, as is a goodbye. An error frame, a malformed frame or the end of the connection
     /// is an error.
@@ -139,6 +152,12 @@ impl Inbound {
                 source,
             })
         };
+        if let Some(reason) = &self.refusal {
+            return Err(LinkError::Refused {
+                peer: peer.to_string(),
+                reason: reason.clone(),
+            });
+        }
         while !self.ended {
             let buf: &mut [u8] = match self.frame {
                 None => &mut self.hdr[self.got..],
@@ -223,9 +242,11 @@ impl Inbound {
 
     fn refused(&mut self, peer: &str) -> LinkError {
         self.ended = true;
+        let reason = String::from_utf8_lossy(&self.text).into_owned();
+        self.refusal = Some(reason.clone());
         LinkError::Refused {
             peer: peer.to_string(),
-            reason: String::from_utf8_lossy(&self.text).into_owned(),
+            reason,
         }
     }
 }
@@ -362,7 +383,7 @@ mod tests {
             let mut models = vec![vec![0.0f32; 700], vec![0.0; 3]];
             let mut got = VecDeque::new();
             let mut r = Drip { bytes: &bytes, cap };
-            while !inb.ended {
+            while !inb.said_goodbye() {
                 inb.read(&mut r, &mut models, &p, &mut got, "s").unwrap();
             }
             let got: Vec<_> = got.into_iter().collect();
@@ -405,6 +426,13 @@ mod tests {
         assert!(
             matches!(&e, LinkError::Refused { reason, .. } if reason == "evicted: too slow"),
             "{e}"
+        );
+        let again = inb
+            .read(&[][..], &mut models, &p, &mut VecDeque::new(), "s")
+            .unwrap_err();
+        assert!(
+            matches!(&again, LinkError::Refused { reason, .. } if reason == "evicted: too slow"),
+            "a later read repeats the refusal: {again}"
         );
         // A model of the wrong size, and a push from the server.
         let short = control_frame(FrameKind::Model, 0, 1, &[0u8; 16]);
