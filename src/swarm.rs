@@ -18,6 +18,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use hetsync_transport::channel::reactor::interest;
 use hetsync_transport::channel::WorkerEnd;
 use hetsync_transport::protocol::{
     self, FrameKind, Header, Hello, Parts, PushClock, HEADER_LEN, MAX_CONTROL_PAYLOAD,
@@ -539,15 +540,5 @@ impl Swarm {
             _ => {}
         }
         Ok(true)
-    }
-}
-
-/// Readable always (and hang-ups), writable only while a push is unfinished.
-fn interest(write: bool) -> EpollFlags {
-    let base = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
-    if write {
-        base | EpollFlags::EPOLLOUT
-    } else {
-        base
     }
 }

@@ -270,17 +270,17 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn data(seed: u64, n: usize) -> Vec<f32> {
+    /// Test gradients of mixed magnitudes, so that summation order would show in the low bits.
+    pub(crate) fn data(seed: u64, n: usize) -> Vec<f32> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..n)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                // Mixed magnitudes so that summation order would show in the low bits.
                 ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((x % 7) as i32 - 3)
             })
             .collect()

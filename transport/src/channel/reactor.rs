@@ -45,7 +45,9 @@ pub struct Reactor {
     events: Vec<EpollEvent>,
 }
 
-fn interest(write: bool) -> EpollFlags {
+/// The events a connection is watched for: readable (and hang-ups) always, writable while it
+/// has output waiting.
+pub fn interest(write: bool) -> EpollFlags {
     let base = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
     if write {
         base | EpollFlags::EPOLLOUT
