@@ -165,6 +165,10 @@ impl RawTcp {
         let raw = |op| move |source| RoundTripError::Raw { op, source };
         let listener = TcpListener::bind("127.0.0.1:0").map_err(raw("bind"))?;
         let addr = listener.local_addr().map_err(raw("getsockname"))?;
+        // Connected before the echo starts (the kernel completes the handshake into the
+        // listener's backlog), so a failure here leaves no thread waiting in accept.
+        let stream = TcpStream::connect(addr).map_err(raw("connect"))?;
+        stream.set_nodelay(true).map_err(raw("TCP_NODELAY"))?;
         let echo = std::thread::Builder::new()
             .name("bench-echo".into())
             .spawn(move || {
@@ -176,8 +180,6 @@ impl RawTcp {
                 while s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {}
             })
             .map_err(raw("spawn the echo thread"))?;
-        let stream = TcpStream::connect(addr).map_err(raw("connect"))?;
-        stream.set_nodelay(true).map_err(raw("TCP_NODELAY"))?;
         Ok(Self {
             stream,
             buf: vec![1u8; bytes],
